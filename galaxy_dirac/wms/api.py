@@ -1,0 +1,652 @@
+"""HTTP routes: the DiracX 0.7 job API plus ``/api/x-embedded/`` for pilots and the SiteDirector.
+
+Thin by design: each route checks the caller's role, converts the body, and calls a plain function in jobs,
+matcher, pilots, sandbox_metadata or taskqueues. Errors carry ``{"detail": ...}`` and a 4xx status; a request
+that fails writes nothing.
+"""
+
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, AsyncIterator, Dict, List, Literal, Optional, Union
+
+from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import select
+from sqlalchemy.exc import DataError
+
+from .. import jdl
+from ..jdl import JDLError
+from . import jobs, maintenance, matcher, pilots, sandbox_metadata, taskqueues
+from .auth import AuthError, Principal, create_token, refresh_tokens, verify_token
+from .config import Settings
+from .db import Jobs, create_schema, make_engine, read_transaction
+from .sandboxes import (
+    SandboxError,
+    SandboxNotFound,
+    SandboxStore,
+    SandboxTooLarge,
+    key_from_pfn,
+    make_ticket,
+    read_ticket,
+)
+
+log = logging.getLogger(__name__)
+
+try:  # orjson serialises a 10,000-row status page several times faster than json
+    import orjson
+
+    def _dumps(data: Any) -> bytes:
+        return orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+except ImportError:  # pragma: no cover
+
+    def _dumps(data: Any) -> bytes:
+        return json.dumps(data, separators=(",", ":")).encode()
+
+
+def json_response(data: Any, status_code: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
+    return Response(_dumps(data), status_code=status_code, media_type="application/json", headers=headers)
+
+
+# --- bodies (DiracX 0.7 models) ----------------------------------------------------------------------------------
+#: Integers the database can bind (64-bit); larger ones are refused with 422 instead of overflowing in the driver.
+BigInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+#: A job id as it may appear in a path, a query or a body key.
+JobId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+#: Search values are scalars, as in DiracX (lists and objects cannot be bound as query parameters).
+SearchValue = Union[BigInt, float, str, bool, None]
+
+
+class ScalarSearchSpec(BaseModel):
+    """DiracX's scalar filter: a value-taking operator with ``value`` (``values`` here is a 422, as there)."""
+
+    model_config = ConfigDict(extra="forbid")
+    parameter: str
+    operator: Literal["eq", "neq", "gt", "lt", "like", "not like", "regex"]
+    value: SearchValue
+
+
+class VectorSearchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    parameter: str
+    operator: Literal["in", "not in"]
+    values: List[SearchValue]
+
+
+SearchSpec = Union[ScalarSearchSpec, VectorSearchSpec]
+
+
+class SortSpec(BaseModel):
+    parameter: str
+    direction: Literal["asc", "desc"] = "asc"
+
+
+class JobSearchParams(BaseModel):
+    parameters: Optional[list[str]] = None
+    search: list[SearchSpec] = []
+    sort: list[SortSpec] = []
+    distinct: bool = False
+
+
+class JobSummaryParams(BaseModel):
+    grouping: list[str]
+    search: list[SearchSpec] = []
+
+
+class JobStatusUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    Status: Optional[str] = None
+    MinorStatus: Optional[str] = None
+    ApplicationStatus: Optional[str] = None
+    Source: str = "Unknown"
+
+
+class HeartbeatData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    LoadAverage: Optional[float] = None
+    MemoryUsed: Optional[float] = None
+    Vsize: Optional[float] = None
+    AvailableDiskSpace: Optional[float] = None
+    CPUConsumed: Optional[float] = None
+    WallClockTime: Optional[float] = None
+    StandardOutput: Optional[str] = None
+
+    @field_validator("StandardOutput")
+    @classmethod
+    def _printable(cls, value: Optional[str]) -> Optional[str]:
+        # A payload may print NUL bytes; PostgreSQL text cannot hold them, and the heartbeat must not fail for it.
+        return value.replace("\x00", "\ufffd") if value else value
+
+
+class SandboxInfo(BaseModel):
+    checksum_algorithm: Literal["sha256"]
+    checksum: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    size: int = Field(ge=1)
+    format: Literal["tar.bz2", "tar.gz", "tar.xz", "tar", "zip"]
+
+
+class RescheduleBody(BaseModel):
+    job_ids: List[JobId] = Field(min_length=1)
+
+
+class PilotsAdd(BaseModel):
+    stamps: list[str]
+    queue: str = ""
+    site: str = ""
+    ce: str = ""
+    grid_type: str = ""
+    references: dict[str, str] = {}
+
+
+class PilotRegistration(BaseModel):
+    stamp: str
+    site: str = ""
+    ce: str = ""
+    queue: str = ""
+    platform: str = ""
+    tags: list[str] = []
+    processors: int = 1
+    memory_mb: int = 0
+    hostname: str = ""
+    grid_type: str = ""
+
+
+class PilotStatusUpdate(BaseModel):
+    status: str
+    matched_jobs: Optional[int] = None
+    reason: str = ""
+
+
+class SlotDescription(BaseModel):
+    Site: str = Field(max_length=100)  # becomes the job's Site column
+    GridCE: str = ""
+    Queue: str = ""
+    Platform: Union[List[str], str] = []
+    Tags: list[str] = []
+    NumberOfProcessors: int = Field(1, ge=1, le=4096)
+    MaxRAM: int = Field(0, ge=0, le=2**63 - 1)
+    CPUTime: int = Field(0, ge=0, le=2**63 - 1)
+    PilotStamp: str = ""
+    OwnerGroup: list[str] = []
+
+
+# --- app -------------------------------------------------------------------------------------------------------
+class BodyLimit:
+    """Refuse request bodies over the limit with 413 before reading them into memory (ASGI middleware)."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.default = settings.max_request_size
+        self.upload = settings.max_sandbox_size + 1024 * 1024  # room for multipart framing
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.upload if "/sandboxes/upload/" in scope["path"] else self.default
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return await _too_large(send, limit)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _too_large(send, limit)
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from inside ``receive``: an HTTPException, so FastAPI's body reading passes it on as a 413 instead of
+    turning it into "There was an error parsing the body" (400) when a chunked body has no Content-Length."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    body = _dumps({"detail": f"request body larger than {limit} bytes"})
+    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Context:
+    """Everything the routes share: settings, engine, signing key and sandbox store."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.db)
+        create_schema(self.engine)
+        self.key = settings.signing_key(create=True)
+        self.store = SandboxStore(settings.sandbox_dir, max_size=settings.max_sandbox_size)
+
+    def delete_sandbox(self, pfn: str) -> None:
+        # Bytes are shared between owners (content addressed): only drop them when no pfn names the key any more.
+        key = key_from_pfn(pfn)
+        from .db import SandBoxes
+
+        with read_transaction(self.engine) as conn:
+            still_used = conn.execute(select(SandBoxes.SBId).where(SandBoxes.SEPFN.like(f"%/{key}"))).first()
+        if still_used is None:
+            self.store.delete(key)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    ctx = Context(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker = _maintenance_leader(ctx)
+        if worker is not None:
+            worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.stop()
+            ctx.engine.dispose()
+
+    app = FastAPI(
+        title="galaxy-dirac embedded scheduler",
+        description="DiracX-compatible job API plus matching routes for pilots",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+    )
+    app.state.ctx = ctx
+    app.add_middleware(BodyLimit, settings=settings)
+    _install_error_handlers(app)
+    _install_routes(app, ctx)
+    return app
+
+
+def _maintenance_leader(ctx: Context) -> Optional[maintenance.MaintenanceThread]:
+    """With several API workers only one runs the maintenance loop: whoever holds the lock file."""
+    if ctx.settings.maintenance_interval <= 0:
+        return None
+    lock_path = os.path.join(ctx.settings.sandbox_dir, ".maintenance.lock")
+    fh = open(lock_path, "a+")  # noqa: SIM115 - held open for the process lifetime
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return None
+    thread = maintenance.MaintenanceThread(ctx.engine, ctx.settings, ctx.delete_sandbox)
+    thread.lock_file = fh  # type: ignore[attr-defined]
+    return thread
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AuthError)
+    async def _auth(_: Request, exc: AuthError) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return json_response({"detail": exc.detail}, exc.status, headers)
+
+    @app.exception_handler(jobs.WMSError)
+    async def _wms(_: Request, exc: jobs.WMSError) -> Response:
+        return json_response({"detail": exc.detail}, exc.status)
+
+    @app.exception_handler(JDLError)
+    async def _jdl(_: Request, exc: JDLError) -> Response:
+        return json_response({"detail": str(exc)}, 400)
+
+    @app.exception_handler(SandboxError)
+    async def _sandbox(_: Request, exc: SandboxError) -> Response:
+        status = 413 if isinstance(exc, SandboxTooLarge) else 404 if isinstance(exc, SandboxNotFound) else 400
+        return json_response({"detail": str(exc)}, status)
+
+    @app.exception_handler(DataError)
+    async def _data(_: Request, exc: DataError) -> Response:
+        # A value the database cannot store (NUL characters on PostgreSQL, too long for a strict MariaDB column):
+        # the transaction was rolled back, and it is the request that is wrong.
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else "invalid value"
+        return json_response({"detail": f"a value in the request does not fit the database: {reason}"}, 400)
+
+
+def _install_routes(app: FastAPI, ctx: Context) -> None:
+    settings, engine = ctx.settings, ctx.engine
+
+    def principal(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError(401, "Authorization header is missing")
+        return verify_token(ctx.key, token.strip())
+
+    Caller = Annotated[Principal, Depends(principal)]
+    PathJobId = Annotated[int, Path(ge=0, le=2**63 - 1)]
+
+    def base_url(request: Request) -> str:
+        return (settings.public_url or str(request.base_url)).rstrip("/")
+
+    # --- DiracX job routes ---------------------------------------------------------------------------------
+    @app.post("/api/jobs/jdl", tags=["jobs"], status_code=201)
+    def submit_jdl_jobs(caller: Caller, job_definitions: Annotated[list[str], Body()]) -> Response:
+        return json_response(jobs.submit(engine, job_definitions, caller, settings), 201)
+
+    @app.post("/api/jobs/search", tags=["jobs"])
+    def search(
+        caller: Caller,
+        body: Annotated[Optional[JobSearchParams], Body()] = None,
+        page: Annotated[int, Query(ge=1, le=10**9)] = 1,
+        per_page: Annotated[int, Query(ge=1, le=10000)] = 100,
+    ) -> Response:
+        body = body or JobSearchParams()
+        rows, total = jobs.search(
+            engine,
+            caller,
+            parameters=body.parameters,
+            search=[s.model_dump(exclude_none=True) for s in body.search],
+            sort=[s.model_dump() for s in body.sort],
+            distinct=body.distinct,
+            page=page,
+            per_page=per_page,
+        )
+        first = (page - 1) * per_page
+        if not rows and total > 0:
+            return json_response([], 416, {"Content-Range": f"jobs */{total}"})
+        if len(rows) < total:
+            return json_response(rows, 206, {"Content-Range": f"jobs {first}-{first + len(rows) - 1}/{total}"})
+        return json_response(rows)
+
+    @app.post("/api/jobs/summary", tags=["jobs"])
+    def summary(caller: Caller, body: JobSummaryParams) -> Response:
+        return json_response(
+            jobs.summary(engine, caller, body.grouping, [s.model_dump(exclude_none=True) for s in body.search])
+        )
+
+    @app.patch("/api/jobs/status", tags=["jobs"])
+    def set_job_statuses(
+        caller: Caller,
+        body: Annotated[dict[JobId, dict[dt.datetime, JobStatusUpdate]], Body()],
+        force: bool = False,
+    ) -> Response:
+        if any(when.tzinfo is None for per_job in body.values() for when in per_job):
+            raise jobs.BadRequest("status update times must carry a time zone (e.g. 2026-01-01T12:00:00+00:00)")
+        updates = {
+            job_id: {when: upd.model_dump() for when, upd in per_job.items()} for job_id, per_job in body.items()
+        }
+        if not updates:
+            raise jobs.BadRequest("no status updates given")
+        result = jobs.set_statuses(engine, updates, caller, force=force, clock_skew=settings.clock_skew)
+        if (
+            not result["success"]
+            and result["failed"]
+            and all("not found" in str(v.get("detail")) for v in result["failed"].values())
+        ):
+            return json_response({"detail": result["failed"]}, 404)
+        return json_response(result)
+
+    @app.patch("/api/jobs/heartbeat", tags=["jobs"])
+    def add_heartbeat(caller: Caller, body: Annotated[dict[JobId, HeartbeatData], Body()]) -> Response:
+        data = {job_id: hb.model_dump(exclude_none=True) for job_id, hb in body.items()}
+        return json_response(jobs.heartbeat(engine, data, caller))
+
+    @app.post("/api/jobs/reschedule", tags=["jobs"])
+    def reschedule_jobs(caller: Caller, body: Annotated[RescheduleBody, Body()], reset_jobs: bool = False) -> Response:
+        if caller.role not in ("admin", "runner", "job"):
+            raise AuthError(403, f"a {caller.role} token may not reschedule jobs")
+        return json_response(jobs.reschedule(engine, body.job_ids, caller, settings))
+
+    # --- sandboxes -----------------------------------------------------------------------------------------
+    @app.post("/api/jobs/sandbox", tags=["sandboxes"])
+    def initiate_sandbox_upload(caller: Caller, info: SandboxInfo, request: Request) -> Response:
+        caller.require("admin", "runner", "job")
+        if info.size > settings.max_sandbox_size:
+            raise SandboxTooLarge(f"sandbox of {info.size} bytes is over the limit of {settings.max_sandbox_size}")
+        key = ctx.store.key_for(info.checksum_algorithm, info.checksum.lower(), info.format)
+        pfn = jobs.sandbox_pfn(caller, info.checksum_algorithm, info.checksum.lower(), info.format)
+        ref = sandbox_metadata.full_ref(pfn)
+        if ctx.store.exists(key):
+            sandbox_metadata.register(engine, _principal_data(caller), pfn, info.size)
+            return json_response({"pfn": ref, "url": None, "fields": {}})
+        ticket = make_ticket(
+            ctx.key,
+            key,
+            "upload",
+            int(settings.ticket_lifetime),
+            {"size": info.size, "pfn": pfn, "principal": _principal_data(caller)},
+        )
+        url = f"{base_url(request)}/api/x-embedded/sandboxes/upload/{ticket}"
+        return json_response({"pfn": ref, "url": url, "fields": {"key": key}})
+
+    @app.get("/api/jobs/sandbox", tags=["sandboxes"])
+    def get_sandbox_file(caller: Caller, pfn: str, request: Request) -> Response:
+        _, path = jobs.split_sandbox_ref(pfn) if pfn.startswith("SB:") else ("", pfn)
+        sandbox_metadata.check_read_access(engine, caller, path)
+        key = key_from_pfn(path)
+        ticket = make_ticket(ctx.key, key, "download", int(settings.ticket_lifetime))
+        sandbox_metadata.touch(engine, path)
+        return json_response(
+            {
+                "url": f"{base_url(request)}/api/x-embedded/sandboxes/download/{ticket}",
+                "expires_in": int(settings.ticket_lifetime),
+            }
+        )
+
+    @app.get("/api/jobs/{job_id}/sandbox", tags=["sandboxes"])
+    def get_job_sandboxes(caller: Caller, job_id: PathJobId) -> Response:
+        jobs.get_job_row(engine, job_id, caller)
+        return json_response(sandbox_metadata.job_sandboxes(engine, job_id))
+
+    @app.get("/api/jobs/{job_id}/sandbox/{sandbox_type}", tags=["sandboxes"])
+    def get_job_sandbox(caller: Caller, job_id: PathJobId, sandbox_type: Literal["input", "output"]) -> Response:
+        jobs.get_job_row(engine, job_id, caller)
+        return json_response(sandbox_metadata.job_sandboxes(engine, job_id)[sandbox_type.capitalize()])
+
+    @app.patch("/api/jobs/{job_id}/sandbox/output", tags=["sandboxes"])
+    def assign_sandbox_to_job(caller: Caller, job_id: PathJobId, pfn: Annotated[str, Body()]) -> Response:
+        jobs.get_job_row(engine, job_id, caller)
+        path = jobs.split_sandbox_ref(pfn)[1] if pfn.startswith("SB:") else pfn
+        sandbox_metadata.check_read_access(engine, caller, path)
+        sandbox_metadata.assign(engine, job_id, path, "Output")
+        return json_response(None)
+
+    @app.post("/api/x-embedded/sandboxes/upload/{ticket}", tags=["sandboxes"], include_in_schema=True)
+    @app.put("/api/x-embedded/sandboxes/upload/{ticket}", tags=["sandboxes"], include_in_schema=False)
+    async def upload_sandbox(ticket: str, request: Request) -> Response:
+        claims = read_ticket(ctx.key, ticket, "upload")
+        key, size = claims["key"], claims["size"]
+        if request.method == "POST" and request.headers.get("content-type", "").startswith("multipart/"):
+            form = await request.form(max_files=1, max_fields=20)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise jobs.BadRequest("multipart upload needs the archive in a part named 'file'")
+            await run_in_threadpool(ctx.store.write, key, upload.file, size)
+            await form.close()
+        else:
+            with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
+                async for chunk in request.stream():
+                    spool.write(chunk)
+                    if spool.tell() > size:
+                        raise SandboxTooLarge(f"more than the declared {size} bytes were sent")
+                spool.seek(0)
+                await run_in_threadpool(ctx.store.write, key, spool, size)
+        await run_in_threadpool(sandbox_metadata.register, engine, claims["principal"], claims["pfn"], size)
+        return Response(status_code=204)
+
+    @app.get("/api/x-embedded/sandboxes/download/{ticket}", tags=["sandboxes"])
+    def download_sandbox(ticket: str) -> Response:
+        from fastapi.responses import FileResponse
+
+        claims = read_ticket(ctx.key, ticket, "download")
+        path = ctx.store.path_for(claims["key"])
+        if not path.exists():
+            raise SandboxNotFound(f"sandbox {claims['key']} is not in the store")
+        return FileResponse(path, media_type="application/octet-stream", filename=claims["key"])
+
+    # --- pilots --------------------------------------------------------------------------------------------
+    @app.post("/api/x-embedded/pilots", tags=["pilots"])
+    def add_pilots(caller: Caller, body: PilotsAdd) -> Response:
+        caller.require("pilot", "admin")
+        ids = pilots.add_pilots(
+            engine,
+            body.stamps,
+            queue=body.queue,
+            site=body.site,
+            ce=body.ce,
+            grid_type=body.grid_type,
+            vo=caller.vo,
+            references=body.references,
+        )
+        return json_response(ids)
+
+    @app.post("/api/x-embedded/pilots/register", tags=["pilots"])
+    def register_pilot(caller: Caller, body: PilotRegistration) -> Response:
+        caller.require("pilot", "admin")
+        pilot_id = pilots.register(engine, body.stamp, body.model_dump(), caller.vo)
+        return json_response({"PilotID": pilot_id, "PilotStamp": body.stamp})
+
+    @app.patch("/api/x-embedded/pilots/{stamp}", tags=["pilots"])
+    def set_pilot_status(caller: Caller, stamp: str, body: PilotStatusUpdate) -> Response:
+        caller.require("pilot", "admin")
+        return json_response(pilots.set_status(engine, stamp, body.status, body.reason, body.matched_jobs))
+
+    @app.get("/api/x-embedded/pilots", tags=["pilots"])
+    def list_pilots(
+        caller: Caller,
+        stamp: Annotated[list[str], Query()] = [],  # noqa: B006 - FastAPI query default
+        status: Annotated[list[str], Query()] = [],  # noqa: B006
+        queue: str = "",
+        limit: Annotated[int, Query(ge=1, le=100000)] = 1000,
+    ) -> Response:
+        caller.require("pilot", "admin", "reader")
+        return json_response(pilots.list_pilots(engine, stamps=stamp, statuses=status, queue=queue, limit=limit))
+
+    @app.post("/api/x-embedded/match", tags=["pilots"])
+    def match(caller: Caller, body: SlotDescription) -> Response:
+        caller.require("pilot", "admin")
+        platforms = [body.Platform] if isinstance(body.Platform, str) else body.Platform
+        slot = matcher.Slot(
+            site=body.Site,
+            grid_ce=body.GridCE,
+            queue=body.Queue,
+            platforms=[p for p in platforms if p],
+            tags=body.Tags,
+            processors=body.NumberOfProcessors,
+            max_ram=body.MaxRAM,
+            cpu_time=body.CPUTime,
+            pilot_stamp=body.PilotStamp,
+            owner_groups=body.OwnerGroup,
+        )
+        pilot_id = pilots.pilot_id_for(engine, body.PilotStamp) if body.PilotStamp else None
+        job_id = matcher.match(engine, slot, pilot_id=pilot_id)
+        if job_id is None:
+            return Response(status_code=204)
+        with read_transaction(engine) as conn:
+            row = conn.execute(
+                select(Jobs.Owner, Jobs.OwnerGroup, Jobs.VO, Jobs.RescheduleCounter).where(Jobs.JobID == job_id)
+            ).one()
+        text = jobs.job_jdl(engine, job_id)
+        lifetime = settings.job_token_lifetime
+        token = create_token(
+            ctx.key,
+            role="job",
+            owner=row.Owner,
+            group=row.OwnerGroup,
+            vo=row.VO,
+            lifetime=lifetime,
+            job_id=job_id,
+            run=row.RescheduleCounter,
+            pilot_stamp=body.PilotStamp or None,
+        )
+        now = dt.datetime.now(dt.timezone.utc)
+        return json_response(
+            {
+                "JobID": job_id,
+                "JDL": text,
+                "Job": _jsonable_jdl(jdl.parse(text)),
+                "Token": token,
+                "TokenExpires": (now + dt.timedelta(seconds=lifetime)).isoformat(),
+                "ServerTime": now.isoformat(),
+            }
+        )
+
+    @app.get("/api/x-embedded/taskqueues/demand", tags=["pilots"])
+    def demand(caller: Caller) -> Response:
+        caller.require("pilot", "admin", "reader")
+        with read_transaction(engine) as conn:
+            return json_response(taskqueues.demand(conn))
+
+    @app.get("/api/x-embedded/jobs/{job_id}", tags=["jobs"])
+    def job_details(caller: Caller, job_id: PathJobId) -> Response:
+        """One job with its JDL, history and parameters (for the runner's error reports and for monitoring)."""
+        if caller.role == "reader":
+            row = jobs.get_job_row(engine, job_id, Principal("admin", "", "", ""))
+        else:
+            row = jobs.get_job_row(engine, job_id, caller)
+        attrs = {c: jobs._jsonable(getattr(row, c)) for c in jobs.JOB_COLUMNS}
+        return json_response(
+            {
+                **attrs,
+                "JDL": jobs.job_jdl(engine, job_id),
+                "History": jobs.history(engine, job_id),
+                "Parameters": jobs.parameters(engine, job_id),
+            }
+        )
+
+    # --- what diracx-client asks of a server --------------------------------------------------------------
+    @app.get("/.well-known/openid-configuration", include_in_schema=False)
+    def openid_configuration(request: Request) -> Response:
+        base = base_url(request)
+        return json_response(
+            {
+                "issuer": base,
+                "token_endpoint": f"{base}/api/auth/token",
+                "grant_types_supported": ["refresh_token"],
+                "response_types_supported": ["code"],
+                "token_endpoint_auth_methods_supported": ["none"],
+                "scopes_supported": [],
+            }
+        )
+
+    @app.post("/api/auth/token", tags=["auth"])
+    async def refresh_access_token(request: Request) -> Response:
+        """OAuth2 refresh grant, so diracx-client can renew the access token it was given."""
+        form = await request.form()
+        if form.get("grant_type") != "refresh_token" or not form.get("refresh_token"):
+            return json_response({"detail": "only grant_type=refresh_token with a refresh_token is supported"}, 400)
+        access, refresh, lifetime = refresh_tokens(ctx.key, str(form["refresh_token"]), settings.token_lifetime)
+        return json_response(
+            {"access_token": access, "expires_in": int(lifetime), "token_type": "Bearer", "refresh_token": refresh}
+        )
+
+    @app.get("/api/x-embedded/health", tags=["pilots"], include_in_schema=False)
+    def health() -> Response:
+        with read_transaction(engine) as conn:
+            conn.execute(select(1))
+        return json_response({"status": "ok"})
+
+
+def _principal_data(caller: Principal) -> dict[str, Any]:
+    return {"role": caller.role, "owner": caller.owner, "group": caller.group, "vo": caller.vo}
+
+
+def _jsonable_jdl(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable_jdl(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable_jdl(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value if not isinstance(value, str) else str(value)
+    return str(value)
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (several workers): settings come from GALAXY_DIRAC_WMS_* variables."""
+    from .config import load_settings
+
+    return create_app(load_settings())

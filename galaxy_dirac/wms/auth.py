@@ -1,0 +1,144 @@
+"""Bearer tokens and roles.
+
+Tokens are HS256 JWTs signed with the scheduler's secret. The claims mirror DiracX's access tokens (``sub``, ``vo``,
+``dirac_group``, ``preferred_username``) so the same client code reads both, plus ``role`` and, for job tokens,
+``job_id`` and ``run`` (the job's reschedule counter when it was matched): a pilot that lost its job to a reschedule
+can no longer change it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+import jwt
+
+ROLES = ("admin", "runner", "reader", "pilot", "job")
+ALGORITHM = "HS256"
+ISSUER = "galaxy-dirac-wms"
+
+
+class AuthError(Exception):
+    """Raised for a token that cannot be trusted; ``status`` is 401 (who are you?) or 403 (not allowed)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    role: str
+    owner: str
+    group: str
+    vo: str
+    job_id: int | None = None
+    run: int | None = None
+    pilot_stamp: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def require(self, *roles: str) -> None:
+        if self.role not in roles:
+            raise AuthError(403, f"a {self.role} token may not do this (needs role {' or '.join(roles)})")
+
+    def require_job(self, job_id: int) -> None:
+        """Job tokens act on their own job only; admin and runner tokens are checked against owners elsewhere."""
+        if self.role == "job" and self.job_id != job_id:
+            raise AuthError(403, f"this job token is for job {self.job_id}, not job {job_id}")
+
+
+def create_token(
+    key: bytes,
+    *,
+    role: str,
+    owner: str = "",
+    group: str = "",
+    vo: str = "galaxy",
+    lifetime: float = 86400.0,
+    job_id: int | None = None,
+    run: int | None = None,
+    pilot_stamp: str | None = None,
+) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+    if role == "job" and job_id is None:
+        raise ValueError("a job token needs a job id")
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "sub": owner or role,
+        "preferred_username": owner or role,
+        "vo": vo,
+        "dirac_group": group or f"{vo}_{role}",
+        "role": role,
+        "iat": now,
+        "exp": now + int(lifetime),
+        "jti": uuid.uuid4().hex,
+    }
+    if job_id is not None:
+        claims["job_id"] = int(job_id)
+        claims["run"] = int(run or 0)
+    if pilot_stamp:
+        claims["pilot_stamp"] = pilot_stamp
+    return jwt.encode(claims, key, algorithm=ALGORITHM)
+
+
+def create_refresh_token(key: bytes, access_token: str, lifetime: float = 30 * 86400.0) -> str:
+    """A refresh token carrying the access token's identity; the token endpoint swaps it for a new pair."""
+    claims = _decode(key, access_token)
+    now = int(time.time())
+    claims.update(kind="refresh", iat=now, exp=now + int(lifetime), jti=uuid.uuid4().hex)
+    return jwt.encode(claims, key, algorithm=ALGORITHM)
+
+
+def refresh_tokens(key: bytes, refresh_token: str, lifetime: float) -> tuple[str, str, float]:
+    """Return (access token, refresh token, access lifetime) for a valid refresh token."""
+    claims = _decode(key, refresh_token)
+    if claims.get("kind") != "refresh":
+        raise AuthError(401, "not a refresh token")
+    if claims.get("role") not in ("admin", "runner", "reader"):
+        raise AuthError(403, f"{claims.get('role')} tokens cannot be refreshed")
+    access = create_token(
+        key,
+        role=claims["role"],
+        owner=claims["sub"],
+        group=claims.get("dirac_group", ""),
+        vo=claims.get("vo", ""),
+        lifetime=lifetime,
+    )
+    return access, create_refresh_token(key, access), lifetime
+
+
+def _decode(key: bytes, token: str) -> dict[str, Any]:
+    try:
+        return jwt.decode(token, key, algorithms=[ALGORITHM], issuer=ISSUER, options={"require": ["exp", "sub"]})
+    except jwt.ExpiredSignatureError as exc:
+        raise AuthError(401, "token expired") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise AuthError(401, "token signature does not verify (wrong server or forged token)") from exc
+    except jwt.PyJWTError as exc:
+        raise AuthError(401, f"invalid token: {exc}") from exc
+
+
+def verify_token(key: bytes, token: str) -> Principal:
+    claims = _decode(key, token)
+    if claims.get("kind") == "refresh":
+        raise AuthError(401, "a refresh token is not an access token")
+    role = claims.get("role")
+    if role not in ROLES:
+        raise AuthError(401, f"invalid token: unknown role {role!r}")
+    return Principal(
+        role=role,
+        owner=str(claims["sub"]),
+        group=str(claims.get("dirac_group", "")),
+        vo=str(claims.get("vo", "")),
+        job_id=claims.get("job_id"),
+        run=claims.get("run"),
+        pilot_stamp=claims.get("pilot_stamp"),
+    )

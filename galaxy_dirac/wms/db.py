@@ -1,0 +1,339 @@
+"""SQLAlchemy models of the embedded scheduler, with DIRAC's table and column names.
+
+Keeping DIRAC's names (JobDB, JobLoggingDB, TaskQueueDB, SandboxMetadataDB, PilotAgentsDB) means operators can read
+the tables with what they know of DIRAC, and search parameters of the DiracX API map one to one onto columns.
+The modules above use SQLAlchemy Core statements on these models: the hot paths (submit, match, bulk status) stay
+free of ORM overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from typing import Any, Iterator
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
+
+from .. import states
+
+LONGTEXT = Text().with_variant(Text(length=2**32 - 1), "mysql", "mariadb")
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now: every DB backend stores DIRAC times as naive UTC."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+# --- JobDB -------------------------------------------------------------------------------------------------------
+class Jobs(Base):
+    __tablename__ = "Jobs"
+    JobID: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    JobType: Mapped[str] = mapped_column(String(32), default="User")
+    JobGroup: Mapped[str] = mapped_column(String(128), default="")
+    Site: Mapped[str] = mapped_column(String(100), default="ANY")
+    JobName: Mapped[str] = mapped_column(String(128), default="Unknown")
+    Owner: Mapped[str] = mapped_column(String(64))
+    OwnerGroup: Mapped[str] = mapped_column(String(128))
+    VO: Mapped[str] = mapped_column(String(32))
+    SubmissionTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    RescheduleTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    LastUpdateTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    StartExecTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    HeartBeatTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    EndExecTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    Status: Mapped[str] = mapped_column(String(32), default=states.RECEIVED)
+    MinorStatus: Mapped[str] = mapped_column(String(128), default="Unknown")
+    ApplicationStatus: Mapped[str] = mapped_column(String(255), default="Unknown")
+    UserPriority: Mapped[int] = mapped_column(Integer, default=0)
+    RescheduleCounter: Mapped[int] = mapped_column(Integer, default=0)
+    VerifiedFlag: Mapped[bool] = mapped_column(Boolean, default=False)
+    AccountedFlag: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        Index("JobType", "JobType"),
+        Index("JobGroup", "JobGroup"),
+        Index("Site", "Site"),
+        Index("Owner", "Owner"),
+        Index("OwnerGroup", "OwnerGroup"),
+        Index("Status", "Status"),
+        Index("StatusSite", "Status", "Site"),
+        Index("LastUpdateTime", "LastUpdateTime"),
+    )
+
+
+class JobJDLs(Base):
+    __tablename__ = "JobJDLs"
+    JobID: Mapped[int] = mapped_column(ForeignKey("Jobs.JobID", ondelete="CASCADE"), primary_key=True)
+    JDL: Mapped[str] = mapped_column(LONGTEXT)
+    JobRequirements: Mapped[str] = mapped_column(Text, default="")
+    OriginalJDL: Mapped[str] = mapped_column(LONGTEXT)
+
+
+class JobParameters(Base):
+    __tablename__ = "JobParameters"
+    JobID: Mapped[int] = mapped_column(ForeignKey("Jobs.JobID", ondelete="CASCADE"), primary_key=True)
+    Name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    Value: Mapped[str] = mapped_column(Text)
+
+
+class HeartBeatLoggingInfo(Base):
+    __tablename__ = "HeartBeatLoggingInfo"
+    ID: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    JobID: Mapped[int] = mapped_column(ForeignKey("Jobs.JobID", ondelete="CASCADE"))
+    Name: Mapped[str] = mapped_column(String(100))
+    Value: Mapped[str] = mapped_column(Text)
+    HeartBeatTime: Mapped[dt.datetime] = mapped_column(DateTime)
+    __table_args__ = (Index("HeartBeatLoggingInfo_JobID", "JobID"),)
+
+
+class JobCommands(Base):
+    __tablename__ = "JobCommands"
+    ID: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    JobID: Mapped[int] = mapped_column(ForeignKey("Jobs.JobID", ondelete="CASCADE"))
+    Command: Mapped[str] = mapped_column(String(100))
+    Arguments: Mapped[str] = mapped_column(String(100), default="")
+    Status: Mapped[str] = mapped_column(String(64), default="Received")
+    ReceptionTime: Mapped[dt.datetime] = mapped_column(DateTime)
+    ExecutionTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    __table_args__ = (Index("JobCommands_JobID_Status", "JobID", "Status"),)
+
+
+# --- JobLoggingDB ------------------------------------------------------------------------------------------------
+class LoggingInfo(Base):
+    __tablename__ = "LoggingInfo"
+    JobID: Mapped[int] = mapped_column(ForeignKey("Jobs.JobID", ondelete="CASCADE"), primary_key=True)
+    SeqNum: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    Status: Mapped[str] = mapped_column(String(32), default="")
+    MinorStatus: Mapped[str] = mapped_column(String(128), default="")
+    ApplicationStatus: Mapped[str] = mapped_column(String(255), default="")
+    StatusTime: Mapped[dt.datetime] = mapped_column(DateTime)
+    StatusTimeOrder: Mapped[float] = mapped_column(Float)
+    StatusSource: Mapped[str] = mapped_column(String(160), default="Unknown")
+    __table_args__ = (Index("LoggingInfo_StatusTime", "StatusTime"),)
+
+
+# --- TaskQueueDB -------------------------------------------------------------------------------------------------
+class TaskQueues(Base):
+    __tablename__ = "tq_TaskQueues"
+    TQId: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    Owner: Mapped[str] = mapped_column(String(64))
+    OwnerGroup: Mapped[str] = mapped_column(String(128))
+    VO: Mapped[str] = mapped_column(String(32))
+    CPUTime: Mapped[int] = mapped_column(BigInteger)
+    Priority: Mapped[float] = mapped_column(Float, default=1.0)
+    Enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Not in DIRAC's table: RAM is part of our TQ key (the DESIGN's "RAM range") and a hash of the whole key makes
+    # finding a job's TQ one indexed lookup instead of comparing six child tables.
+    MinRAM: Mapped[int] = mapped_column(Integer, default=0)
+    MaxRAM: Mapped[int] = mapped_column(Integer, default=0)
+    KeyHash: Mapped[str] = mapped_column(String(64), unique=True)
+    __table_args__ = (Index("tq_CPUTime", "CPUTime"),)
+
+
+class TQJobs(Base):
+    __tablename__ = "tq_Jobs"
+    TQId: Mapped[int] = mapped_column(ForeignKey("tq_TaskQueues.TQId", ondelete="CASCADE"), primary_key=True)
+    JobId: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    Priority: Mapped[int] = mapped_column(Integer)
+    RealPriority: Mapped[float] = mapped_column(Float)
+    __table_args__ = (Index("tq_Jobs_pick", "TQId", "Priority", "JobId"), Index("tq_Jobs_JobId", "JobId"))
+
+
+def _tq_value_table(name: str) -> type[Base]:
+    """DIRAC keeps each multi-valued TQ requirement in a (TQId, Value) table."""
+    return type(
+        name,
+        (Base,),
+        {
+            "__tablename__": name,
+            "__annotations__": {"TQId": Mapped[int], "Value": Mapped[str]},
+            "TQId": mapped_column(ForeignKey("tq_TaskQueues.TQId", ondelete="CASCADE"), primary_key=True),
+            "Value": mapped_column(String(128), primary_key=True),
+            "__table_args__": (Index(f"{name}_Value", "Value"),),
+        },
+    )
+
+
+TQToSites = _tq_value_table("tq_TQToSites")
+TQToGridCEs = _tq_value_table("tq_TQToGridCEs")
+TQToBannedSites = _tq_value_table("tq_TQToBannedSites")
+TQToPlatforms = _tq_value_table("tq_TQToPlatforms")
+TQToJobTypes = _tq_value_table("tq_TQToJobTypes")
+TQToTags = _tq_value_table("tq_TQToTags")
+
+#: JDL attribute → (TQ key name, child table), the multi-valued parts of a task queue's key.
+TQ_MULTI_VALUED = {
+    "Sites": TQToSites,
+    "GridCEs": TQToGridCEs,
+    "BannedSites": TQToBannedSites,
+    "Platforms": TQToPlatforms,
+    "JobTypes": TQToJobTypes,
+    "Tags": TQToTags,
+}
+
+
+# --- SandboxMetadataDB -------------------------------------------------------------------------------------------
+class SBOwners(Base):
+    __tablename__ = "sb_Owners"
+    OwnerID: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    Owner: Mapped[str] = mapped_column(String(64))
+    OwnerGroup: Mapped[str] = mapped_column(String(128))
+    VO: Mapped[str] = mapped_column(String(64))
+    __table_args__ = (Index("sb_Owners_unique", "Owner", "OwnerGroup", "VO", unique=True),)
+
+
+class SandBoxes(Base):
+    __tablename__ = "sb_SandBoxes"
+    SBId: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    OwnerId: Mapped[int] = mapped_column(ForeignKey("sb_Owners.OwnerID"))
+    SEName: Mapped[str] = mapped_column(String(64))
+    SEPFN: Mapped[str] = mapped_column(String(512))
+    Bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    RegistrationTime: Mapped[dt.datetime] = mapped_column(DateTime)
+    LastAccessTime: Mapped[dt.datetime] = mapped_column(DateTime)
+    Assigned: Mapped[bool] = mapped_column(Boolean, default=False)
+    __table_args__ = (Index("sb_SandBoxes_Location", "SEName", "SEPFN", unique=True),)
+
+
+class SBEntityMapping(Base):
+    __tablename__ = "sb_EntityMapping"
+    SBId: Mapped[int] = mapped_column(ForeignKey("sb_SandBoxes.SBId", ondelete="CASCADE"), primary_key=True)
+    EntityId: Mapped[str] = mapped_column(String(128), primary_key=True)
+    Type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    __table_args__ = (Index("sb_EntityMapping_EntityId", "EntityId"),)
+
+
+# --- PilotAgentsDB -----------------------------------------------------------------------------------------------
+class PilotAgents(Base):
+    __tablename__ = "PilotAgents"
+    PilotID: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    InitialJobID: Mapped[int] = mapped_column(Integer, default=0)
+    CurrentJobID: Mapped[int] = mapped_column(Integer, default=0)
+    PilotJobReference: Mapped[str] = mapped_column(String(255), default="Unknown")
+    PilotStamp: Mapped[str] = mapped_column(String(32), unique=True)
+    DestinationSite: Mapped[str] = mapped_column(String(128), default="NotAssigned")
+    Queue: Mapped[str] = mapped_column(String(128), default="Unknown")
+    GridSite: Mapped[str] = mapped_column(String(128), default="Unknown")
+    VO: Mapped[str] = mapped_column(String(128), default="")
+    GridType: Mapped[str] = mapped_column(String(32), default="LCG")
+    BenchMark: Mapped[float] = mapped_column(Float, default=0.0)
+    SubmissionTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    LastUpdateTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    Status: Mapped[str] = mapped_column(String(32), default=states.PILOT_UNKNOWN)
+    StatusReason: Mapped[str] = mapped_column(String(255), default="Unknown")
+    AccountingSent: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Not in DIRAC: how many jobs this pilot matched, so empty pilots are visible to the SiteDirector.
+    MatchedJobs: Mapped[int] = mapped_column(Integer, default=0)
+    __table_args__ = (Index("PilotAgents_Status", "Status"), Index("PilotAgents_Queue", "Queue", "Status"))
+
+
+class JobToPilotMapping(Base):
+    __tablename__ = "JobToPilotMapping"
+    PilotID: Mapped[int] = mapped_column(Integer, primary_key=True)
+    JobID: Mapped[int] = mapped_column(Integer, primary_key=True)
+    StartTime: Mapped[dt.datetime] = mapped_column(DateTime)
+    __table_args__ = (Index("JobToPilotMapping_JobID", "JobID"),)
+
+
+# --- engine --------------------------------------------------------------------------------------------------------
+def make_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Engine:
+    """Create an engine with what each backend needs for correct concurrent matching.
+
+    SQLite gets WAL (readers never block the writer), a busy timeout, and transactions that take the write lock
+    up front when asked to (``write_transaction``), which is what makes a match exactly-once there.
+    """
+    kwargs: dict[str, Any] = {"echo": echo, "future": True}
+    if url.startswith("sqlite"):
+        memory = url in ("sqlite://", "sqlite:///:memory:")
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        if memory:
+            from sqlalchemy.pool import StaticPool
+
+            kwargs["poolclass"] = StaticPool
+        engine = create_engine(url, **kwargs)
+        _configure_sqlite(engine, wal=not memory)
+        return engine
+    if url.startswith(("mysql", "mariadb")):
+        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=3600)
+        kwargs["isolation_level"] = "READ COMMITTED"
+        return create_engine(url, **kwargs)
+    if url.startswith("postgresql"):
+        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        return create_engine(url, **kwargs)
+    kwargs["poolclass"] = NullPool
+    return create_engine(url, **kwargs)
+
+
+def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN itself, so write transactions can say IMMEDIATE.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        if wal:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def supports_skip_locked(engine: Engine) -> bool:
+    """PostgreSQL and MariaDB ≥10.6 / MySQL 8 can skip rows other matchers have locked."""
+    if engine.dialect.name == "postgresql":
+        return True
+    if engine.dialect.name in ("mysql", "mariadb"):
+        info = engine.dialect.server_version_info or ()
+        is_maria = getattr(engine.dialect, "_is_mariadb", False) or "MariaDB" in str(info)
+        return tuple(info[:2]) >= ((10, 6) if is_maria else (8, 0))
+    return False
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that will write: on SQLite it takes the write lock at BEGIN, so check-then-update is atomic."""
+    with engine.connect() as conn:
+        if is_sqlite(engine):
+            conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+        with conn.begin():
+            yield conn
+
+
+@contextlib.contextmanager
+def read_transaction(engine: Engine) -> Iterator[Connection]:
+    with engine.connect() as conn, conn.begin():
+        yield conn
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables; idempotent so every server start (and every API worker) may call it."""
+    Base.metadata.create_all(engine)

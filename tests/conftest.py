@@ -1,0 +1,170 @@
+"""Fixtures shared by every test package: free ports, fresh server databases, a real scheduler process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+PG_ADMIN_URL = os.environ.get("GALAXY_DIRAC_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+MARIADB_ADMIN_URL = os.environ.get("GALAXY_DIRAC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/mysql")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def fresh_database(kind: str) -> Iterator[str]:
+    """A new empty database on the machine's PostgreSQL or MariaDB, dropped afterwards; SQLite needs none."""
+    from sqlalchemy import create_engine, text
+
+    admin_url = PG_ADMIN_URL if kind == "postgres" else MARIADB_ADMIN_URL
+    name = f"gdwms_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name}"))
+    except Exception as exc:  # noqa: BLE001 - a missing server is a skip, not a failure, outside CI
+        admin.dispose()
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{kind} not reachable: {exc}")
+    base, _, _ = admin_url.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.connect() as conn:
+            # Connections a failed test left open would make DROP DATABASE wait forever.
+            if kind == "postgres":
+                conn.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+                )
+            else:
+                for (pid,) in conn.execute(
+                    text("SELECT id FROM information_schema.processlist WHERE db = :n"), {"n": name}
+                ):
+                    conn.execute(text(f"KILL {int(pid)}"))
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()
+
+
+DB_KINDS = [
+    "sqlite",
+    pytest.param("postgres", marks=pytest.mark.postgres),
+    pytest.param("mariadb", marks=pytest.mark.mariadb),
+]
+
+
+@pytest.fixture(params=DB_KINDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL for each backend the scheduler supports."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'wms.sqlite'}"
+    else:
+        with fresh_database(request.param) as url:
+            yield url
+
+
+class WMSServer:
+    """The real ``galaxy-dirac-wms serve`` in its own process, on a free loopback port."""
+
+    def __init__(self, home: Path, db: str | None = None, **settings: Any) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(os.environ)
+        self.env.update({f"GALAXY_DIRAC_WMS_{k.upper()}": str(v) for k, v in settings.items()})
+        self.env["GALAXY_DIRAC_WMS_HOME"] = str(home)
+        if db:
+            self.env["GALAXY_DIRAC_WMS_DB"] = db
+        self.process: subprocess.Popen | None = None
+        self.log_path = home / "server.log"
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "galaxy_dirac.wms.cli", *args],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+
+    def token(self, role: str, owner: str = "", group: str = "") -> str:
+        args = ["token", "create", "--role", role]
+        if owner:
+            args += ["--owner", owner]
+        if group:
+            args += ["--group", group]
+        return self.cli(*args).strip()
+
+    def start(self) -> WMSServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "galaxy_dirac.wms.cli", "serve", "--port", str(self.port)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._log = log
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"scheduler exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if requests.get(f"{self.url}/api/x-embedded/health", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"scheduler did not start:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.process:
+            self._log.close()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def wms_server_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start real scheduler processes with settings of the test's choosing; all are stopped at the end."""
+    servers: list[WMSServer] = []
+
+    def start(name: str = "wms", db: str | None = None, **settings: Any) -> WMSServer:
+        server = WMSServer(tmp_path / name, db, **settings)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def wms_server(wms_server_factory: Any) -> WMSServer:
+    return wms_server_factory(maintenance_interval=1)
