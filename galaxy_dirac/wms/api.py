@@ -25,7 +25,7 @@ from ..jdl import JDLError
 from . import jobs, maintenance, matcher, pilots, sandbox_metadata, taskqueues
 from .auth import AuthError, Principal, create_token, refresh_tokens, verify_token
 from .config import Settings
-from .db import Jobs, create_schema, make_engine, read_transaction
+from .db import create_schema, make_engine, read_transaction
 from .sandboxes import (
     SandboxError,
     SandboxNotFound,
@@ -543,14 +543,10 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
             owner_groups=body.OwnerGroup,
         )
         pilot_id = pilots.pilot_id_for(engine, body.PilotStamp) if body.PilotStamp else None
-        job_id = matcher.match(engine, slot, pilot_id=pilot_id)
-        if job_id is None:
+        row = matcher.match_job(engine, slot, pilot_id=pilot_id)
+        if row is None:
             return Response(status_code=204)
-        with read_transaction(engine) as conn:
-            row = conn.execute(
-                select(Jobs.Owner, Jobs.OwnerGroup, Jobs.VO, Jobs.RescheduleCounter).where(Jobs.JobID == job_id)
-            ).one()
-        text = jobs.job_jdl(engine, job_id)
+        job_id, text = row.JobID, row.JDL
         lifetime = settings.job_token_lifetime
         token = create_token(
             ctx.key,
@@ -595,6 +591,7 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
                 "JDL": jobs.job_jdl(engine, job_id),
                 "History": jobs.history(engine, job_id),
                 "Parameters": jobs.parameters(engine, job_id),
+                "Pilots": pilots.stamps_of_job(engine, job_id),
             }
         )
 

@@ -190,6 +190,7 @@ def submit(engine: Engine, texts: Sequence[str], principal: Principal, settings:
         job_ids = [row[0] for row in result]
         jdl_rows, log_records, mappings = [], [], []
         tq_for_key: dict[taskqueues.TQKey, int] = {}
+        new_queue_groups: set[str] = set()
         tq_rows = []
         for job_id, attrs, key, text in zip(job_ids, descriptions, keys, texts):
             full = dict(attrs, JobID=job_id, Owner=owner, OwnerGroup=group, VirtualOrganization=vo)
@@ -210,7 +211,10 @@ def submit(engine: Engine, texts: Sequence[str], principal: Principal, settings:
                 if ref in sandbox_ids:
                     mappings.append({"SBId": sandbox_ids[ref], "EntityId": f"Job:{job_id}", "Type": "Input"})
             if key not in tq_for_key:
-                tq_for_key[key] = taskqueues.find_or_create(conn, key, settings.group_shares)
+                before = taskqueues.generation
+                tq_for_key[key] = taskqueues.find_or_create(conn, key, settings.group_shares, recalculate=False)
+                if taskqueues.generation != before:
+                    new_queue_groups.add(key.OwnerGroup)
             tq_rows.append((tq_for_key[key], job_id, int(attrs.get("Priority", 1))))
         conn.execute(insert(JobJDLs), jdl_rows)
         add_logging(conn, log_records, new_jobs=True)
@@ -218,12 +222,14 @@ def submit(engine: Engine, texts: Sequence[str], principal: Principal, settings:
             conn.execute(insert(SBEntityMapping), mappings)
             conn.execute(update(SandBoxes).where(SandBoxes.SBId.in_(set(sandbox_ids.values()))).values(Assigned=True))
         taskqueues.insert_jobs(conn, tq_rows)
+        if new_queue_groups:
+            taskqueues.recalculate_priorities(conn, settings.group_shares, groups=new_queue_groups)
     stamp = _jsonable(now)
     return [{"JobID": j, "Status": states.WAITING, "MinorStatus": MINOR_WAITING, "TimeStamp": stamp} for j in job_ids]
 
 
 # --- search and summary ----------------------------------------------------------------------------------------
-SEARCH_OPERATORS = ("eq", "neq", "gt", "lt", "like", "not like", "in", "not in")
+SEARCH_OPERATORS = ("eq", "neq", "gt", "lt", "like", "not like", "regex", "in", "not in")
 
 
 def _column(name: str) -> Any:
@@ -234,7 +240,11 @@ def _column(name: str) -> Any:
 
 
 def _coerce_value(column: Any, value: Any) -> Any:
-    if isinstance(column.type.python_type, type) and column.type.python_type is dt.datetime and isinstance(value, str):
+    """Convert a search value to the column's type, or refuse it: no backend should see text compared with a date."""
+    kind = column.type.python_type
+    if kind is dt.datetime:
+        if not isinstance(value, str):
+            raise BadRequest(f"{column.name}: {value!r} is not an ISO date/time")
         try:
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
@@ -242,12 +252,25 @@ def _coerce_value(column: Any, value: Any) -> Any:
         if parsed.tzinfo:
             parsed = parsed.astimezone(dt.timezone.utc).replace(tzinfo=None)
         return parsed
-    if column.type.python_type is int and isinstance(value, str):
+    if kind is bool:
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise BadRequest(f"{column.name}: {value!r} is not a boolean")
+    if kind is int:
+        if isinstance(value, bool):
+            raise BadRequest(f"{column.name}: {value!r} is not an integer")
         try:
-            return int(value)
-        except ValueError:
+            number = int(value)
+        except (TypeError, ValueError):
             raise BadRequest(f"{column.name}: {value!r} is not an integer") from None
-    return value
+        if number != value and not isinstance(value, str) or not -(2**63) <= number < 2**63:
+            raise BadRequest(f"{column.name}: {value!r} is not a 64-bit integer")
+        return number
+    if isinstance(value, bool) or value is None:
+        raise BadRequest(f"{column.name}: {value!r} is not a string")
+    return str(value)
 
 
 def _search_conditions(specs: Sequence[Mapping[str, Any]], principal: Principal) -> list[Any]:
@@ -273,10 +296,11 @@ def _search_conditions(specs: Sequence[Mapping[str, Any]], principal: Principal)
             conds.append(column > value)
         elif op == "lt":
             conds.append(column < value)
-        elif op == "like":
-            conds.append(column.like(value))
-        elif op == "not like":
-            conds.append(not_(column.like(value)))
+        elif op in ("like", "not like", "regex"):
+            if not isinstance(value, str):
+                raise BadRequest(f"operator {op!r} works on text parameters, and {column.name} is not one")
+            match = column.regexp_match(value) if op == "regex" else column.like(value)
+            conds.append(not_(match) if op == "not like" else match)
         else:
             raise BadRequest(f"unknown search operator {op!r}; use one of {', '.join(SEARCH_OPERATORS)}")
     if principal.role == "runner":

@@ -12,16 +12,22 @@ queue row is taken with ``FOR UPDATE SKIP LOCKED`` so concurrent pilots pick dif
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import logging
 import random
+import threading
+import time
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import Engine, and_, delete, exists, not_, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, case, delete, exists, insert, not_, or_, select, update
 
 from .. import states
 from . import jobs as jobs_mod
+from . import taskqueues
 from .db import (
+    JobJDLs,
     Jobs,
     JobToPilotMapping,
     PilotAgents,
@@ -105,8 +111,8 @@ def _allows(table: Any, value: str) -> Any:
 def weighted_order(queues: Iterable[tuple[int, float]], rng: random.Random) -> list[int]:
     """Queues in a random order where each comes first with probability proportional to its priority.
 
-    Efraimidis–Spirakis keys (u^(1/w)): one sort gives the whole fallback order, so a queue emptied by a concurrent
-    pilot costs one more try, not a new draw.
+    Efraimidis–Spirakis keys (u^(1/w)): one sort gives a whole fallback order; used when the cheap single draw
+    (``_Eligible.draw``) keeps landing on queues emptied by concurrent pilots.
     """
     keyed = []
     for tq_id, priority in queues:
@@ -116,42 +122,156 @@ def weighted_order(queues: Iterable[tuple[int, float]], rng: random.Random) -> l
     return [tq_id for _, tq_id in keyed]
 
 
+class _Eligible:
+    """The eligible queues of one slot signature, with cumulative weights for O(log n) weighted draws."""
+
+    def __init__(self, queues: list[tuple[int, float]], expires: float) -> None:
+        self.queues = queues
+        self.expires = expires
+        self.generation = taskqueues.generation
+        self.cumulative = list(itertools.accumulate(max(p, 1e-9) for _, p in queues))
+
+    def draw(self, rng: random.Random) -> int:
+        point = rng.random() * self.cumulative[-1]
+        return self.queues[min(bisect.bisect_right(self.cumulative, point), len(self.queues) - 1)][0]
+
+
+#: Pilots of one CE queue all describe the same slot, so the eligibility query (which reads every task queue) is
+#: shared between their match requests for a moment. A queue created meanwhile is seen at most this late.
+ELIGIBLE_TTL = 2.0
+_eligible_cache: dict[tuple, _Eligible] = {}
+_cache_lock = threading.Lock()
+
+
+def _signature(engine: Engine, slot: Slot) -> tuple:
+    return (
+        str(engine.url),
+        slot.site,
+        slot.grid_ce,
+        tuple(sorted(slot.platforms)),
+        tuple(sorted(slot.tags)),
+        slot.processors,
+        slot.max_ram,
+        slot.cpu_time,
+        tuple(sorted(slot.owner_groups)),
+    )
+
+
+def forget_eligible(engine: Engine | None = None) -> None:
+    """Drop cached eligibility (tests, and this process after it created a task queue)."""
+    with _cache_lock:
+        if engine is None:
+            _eligible_cache.clear()
+        else:
+            for key in [k for k in _eligible_cache if k[0] == str(engine.url)]:
+                del _eligible_cache[key]
+
+
+def _eligible(engine: Engine, slot: Slot, *, refresh: bool = False) -> _Eligible | None:
+    key = _signature(engine, slot)
+    now = time.monotonic()
+    entry = None if refresh else _eligible_cache.get(key)
+    if entry is None or entry.expires < now or entry.generation != taskqueues.generation:
+        queues = eligible_queues(engine, slot)
+        entry = _Eligible(queues, now + ELIGIBLE_TTL) if queues else None
+        with _cache_lock:
+            if entry is None:
+                _eligible_cache.pop(key, None)
+            else:
+                _eligible_cache[key] = entry
+    return entry
+
+
 def match(engine: Engine, slot: Slot, *, pilot_id: int | None = None, rng: random.Random | None = None) -> int | None:
     """Hand one waiting job to this slot and return its id, or None when nothing fits."""
+    matched = match_job(engine, slot, pilot_id=pilot_id, rng=rng)
+    return None if matched is None else matched.JobID
+
+
+@dataclasses.dataclass
+class Matched:
+    """The job handed to a pilot, with what the pilot needs to run it (read in the matching transaction)."""
+
+    JobID: int
+    Owner: str
+    OwnerGroup: str
+    VO: str
+    RescheduleCounter: int
+    JDL: str
+
+
+def match_job(
+    engine: Engine, slot: Slot, *, pilot_id: int | None = None, rng: random.Random | None = None
+) -> Matched | None:
     rng = rng or random.Random()
-    order = weighted_order(eligible_queues(engine, slot), rng)
-    for tq_id in order[:MAX_QUEUES_TRIED]:
-        job_id = _take_from_queue(engine, tq_id, slot, pilot_id)
-        if job_id is not None:
-            return job_id
+    entry = _eligible(engine, slot)
+    tried: set[int] = set()
+    for attempt in range(MAX_QUEUES_TRIED):
+        if entry is None:
+            return None
+        tq_id = entry.draw(rng)
+        if tq_id in tried:
+            # Several draws hit emptied queues: read the queues afresh and walk them in weighted order.
+            entry = _eligible(engine, slot, refresh=True)
+            if entry is None:
+                return None
+            for tq_id in weighted_order(entry.queues, rng)[: MAX_QUEUES_TRIED - attempt]:
+                matched = _take_from_queue(engine, tq_id, slot, pilot_id)
+                if matched is not None:
+                    return matched
+            return None
+        tried.add(tq_id)
+        matched = _take_from_queue(engine, tq_id, slot, pilot_id)
+        if matched is not None:
+            return matched
     return None
 
 
-def _take_from_queue(engine: Engine, tq_id: int, slot: Slot, pilot_id: int | None) -> int | None:
-    skip_locked = supports_skip_locked(engine)
+_PICK = (
+    select(TQJobs.JobId)
+    .where(TQJobs.TQId == bindparam("tq"))
+    .order_by(TQJobs.Priority.desc(), TQJobs.JobId.asc())
+    .limit(1)
+)
+_UNQUEUE = delete(TQJobs).where(TQJobs.TQId == bindparam("tq"), TQJobs.JobId == bindparam("job"))
+_TAKE = (
+    update(Jobs)
+    .where(Jobs.JobID == bindparam("job"), Jobs.Status == states.WAITING)
+    .values(Status=states.MATCHED, MinorStatus="Assigned", Site=bindparam("site"), LastUpdateTime=bindparam("now"))
+)
+_JOB_INFO = (
+    select(Jobs.JobID, Jobs.Owner, Jobs.OwnerGroup, Jobs.VO, Jobs.RescheduleCounter, JobJDLs.JDL)
+    .join(JobJDLs, JobJDLs.JobID == Jobs.JobID)
+    .where(Jobs.JobID == bindparam("job"))
+)
+_MAP = insert(JobToPilotMapping).values(PilotID=bindparam("pilot"), JobID=bindparam("job"), StartTime=bindparam("now"))
+_PILOT_BUSY = (
+    update(PilotAgents)
+    .where(PilotAgents.PilotID == bindparam("pilot"))
+    .values(
+        CurrentJobID=bindparam("job"),
+        InitialJobID=case((PilotAgents.InitialJobID == 0, bindparam("job")), else_=PilotAgents.InitialJobID),
+        MatchedJobs=PilotAgents.MatchedJobs + 1,
+        LastUpdateTime=bindparam("now"),
+        Status=states.PILOT_RUNNING,
+    )
+)
+
+
+def _take_from_queue(engine: Engine, tq_id: int, slot: Slot, pilot_id: int | None) -> Matched | None:
+    pick = _PICK
+    if supports_skip_locked(engine):
+        pick = pick.with_for_update(skip_locked=True)
+    elif not is_sqlite(engine):
+        pick = pick.with_for_update()
     while True:
         with write_transaction(engine) as conn:
-            query = (
-                select(TQJobs.JobId)
-                .where(TQJobs.TQId == tq_id)
-                .order_by(TQJobs.Priority.desc(), TQJobs.JobId.asc())
-                .limit(1)
-            )
-            if skip_locked:
-                query = query.with_for_update(skip_locked=True)
-            elif not is_sqlite(engine):
-                query = query.with_for_update()
-            job_id = conn.execute(query).scalar()
+            job_id = conn.execute(pick, {"tq": tq_id}).scalar()
             if job_id is None:
                 return None
-            conn.execute(delete(TQJobs).where(TQJobs.TQId == tq_id, TQJobs.JobId == job_id))
+            conn.execute(_UNQUEUE, {"tq": tq_id, "job": job_id})
             now = utcnow()
-            taken = conn.execute(
-                update(Jobs)
-                .where(Jobs.JobID == job_id, Jobs.Status == states.WAITING)
-                .values(Status=states.MATCHED, MinorStatus="Assigned", Site=slot.site or "Unknown", LastUpdateTime=now)
-            ).rowcount
-            if taken != 1:
+            if conn.execute(_TAKE, {"job": job_id, "site": slot.site or "Unknown", "now": now}).rowcount != 1:
                 # A stale queue entry (the job was killed or rescheduled meanwhile): dropped, try the next one.
                 log.warning("job %s was in task queue %s but not Waiting; entry removed", job_id, tq_id)
                 continue
@@ -159,15 +279,6 @@ def _take_from_queue(engine: Engine, tq_id: int, slot: Slot, pilot_id: int | Non
                 conn, [(job_id, states.MATCHED, "Assigned", "", now, f"Matcher ({slot.pilot_stamp or 'pilot'})")]
             )
             if pilot_id is not None:
-                conn.execute(JobToPilotMapping.__table__.insert().values(PilotID=pilot_id, JobID=job_id, StartTime=now))
-                conn.execute(
-                    update(PilotAgents)
-                    .where(PilotAgents.PilotID == pilot_id)
-                    .values(
-                        CurrentJobID=job_id,
-                        MatchedJobs=PilotAgents.MatchedJobs + 1,
-                        LastUpdateTime=now,
-                        Status=states.PILOT_RUNNING,
-                    )
-                )
-            return int(job_id)
+                conn.execute(_MAP, {"pilot": pilot_id, "job": job_id, "now": now})
+                conn.execute(_PILOT_BUSY, {"pilot": pilot_id, "job": job_id, "now": now})
+            return Matched(*conn.execute(_JOB_INFO, {"job": job_id}).one())

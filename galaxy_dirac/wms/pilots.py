@@ -156,3 +156,16 @@ def jobs_of_pilot(engine: Engine, pilot_id: int) -> list[int]:
         return list(
             conn.execute(select(JobToPilotMapping.JobID).where(JobToPilotMapping.PilotID == pilot_id)).scalars()
         )
+
+
+def stamps_of_job(engine: Engine, job_id: int) -> list[str]:
+    """Stamps of the pilots that were handed this job, in order (more than one after a reschedule)."""
+    with read_transaction(engine) as conn:
+        return list(
+            conn.execute(
+                select(PilotAgents.PilotStamp)
+                .join(JobToPilotMapping, JobToPilotMapping.PilotID == PilotAgents.PilotID)
+                .where(JobToPilotMapping.JobID == job_id)
+                .order_by(JobToPilotMapping.StartTime)
+            ).scalars()
+        )

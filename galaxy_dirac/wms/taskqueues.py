@@ -38,6 +38,9 @@ CPU_SEGMENTS = (
 #: DIRAC caps a task queue at this many jobs; a fuller queue gets a sibling with the same key.
 MAX_JOBS_IN_TQ = 5000
 
+#: Bumped whenever this process creates a task queue, so cached eligibility (matcher) is re-read at once here.
+generation = 0
+
 
 def fit_cpu_time(cpu_time: int) -> int:
     """Round a requested CPU time up to its segment (requests above the last segment get the last one)."""
@@ -108,7 +111,7 @@ def key_for_job(attrs: Mapping[str, Any], owner: str, group: str, vo: str) -> TQ
     )
 
 
-def find_or_create(conn: Connection, key: TQKey, shares: Mapping[str, float]) -> int:
+def find_or_create(conn: Connection, key: TQKey, shares: Mapping[str, float], *, recalculate: bool = True) -> int:
     """Return the id of a task queue with this key and room for a job, creating it if needed.
 
     The row is read ``FOR SHARE`` so the maintenance loop cannot delete an empty queue between this lookup and the
@@ -125,7 +128,10 @@ def find_or_create(conn: Connection, key: TQKey, shares: Mapping[str, float]) ->
             tq_id = _create(conn, key, slot_digest)
             if tq_id is None:
                 continue  # another submitter created it first; read it on the next turn
-            recalculate_priorities(conn, shares, groups=[key.OwnerGroup])
+            global generation
+            generation += 1
+            if recalculate:
+                recalculate_priorities(conn, shares, groups=[key.OwnerGroup])
             return tq_id
         count = conn.execute(select(func.count()).select_from(TQJobs).where(TQJobs.TQId == tq_id)).scalar_one()
         if count < MAX_JOBS_IN_TQ:

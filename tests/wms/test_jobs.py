@@ -228,7 +228,7 @@ def test_search_operators_sort_and_summary(env) -> None:
     with pytest.raises(jobs.BadRequest, match="unknown job parameter"):
         jobs.search(engine, ALICE, parameters=["Password"])
     with pytest.raises(jobs.BadRequest, match="unknown search operator"):
-        jobs.search(engine, ALICE, search=[{"parameter": "JobID", "operator": "regex", "value": "1"}])
+        jobs.search(engine, ALICE, search=[{"parameter": "JobID", "operator": "matches", "value": "1"}])
     rows, _ = jobs.search(
         engine,
         ALICE,

@@ -1,0 +1,37 @@
+# The two commands README.md starts with: `make demo` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Side venvs the tests start servers from (DiracX, Galaxy, Keystone+Nova); built once and reused across runs.
+SIDE_VENVS ?= $(shell $(PYTHON) -c "import sys; sys.path.insert(0, '.'); from tests.sidevenvs import KNOWN; print(' '.join(sorted(KNOWN)))")
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv services lint bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip uv
+	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test,htcondor,openstack]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+services:
+	@bash scripts/ensure-services.sh
+
+demo: venv
+	$(PY) scripts/demo.py
+
+test: venv services
+	$(PY) -m tests.sidevenvs $(SIDE_VENVS)
+	$(VENV)/bin/ruff check galaxy_dirac sitedirector tests benchmarks scripts
+	$(PY) -m pytest -ra --timeout 900 $(PYTEST_ARGS) tests
+
+lint: venv
+	$(VENV)/bin/ruff check galaxy_dirac sitedirector tests benchmarks scripts
+
+bench: venv services
+	$(PY) benchmarks/wms.py
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Start the machine's PostgreSQL and MariaDB if they are installed but not answering (tests use both for real).
+set -u
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if ! port_open 5432 && command -v pg_ctlcluster >/dev/null 2>&1; then
+  for version in /etc/postgresql/*; do
+    pg_ctlcluster --skip-systemctl-redirect "$(basename "$version")" main start || true
+  done
+fi
+if ! port_open 3306 && [ -x /usr/sbin/mariadbd ]; then
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd || true
+  for _ in $(seq 30); do port_open 3306 && break; sleep 1; done
+fi
+port_open 5432 || echo "warning: PostgreSQL is not answering on 127.0.0.1:5432" >&2
+port_open 3306 || echo "warning: MariaDB is not answering on 127.0.0.1:3306" >&2
+exit 0
