@@ -55,8 +55,9 @@ def fresh_database(kind: str) -> Iterator[str]:
             else:
                 for (pid,) in conn.execute(
                     text("SELECT id FROM information_schema.processlist WHERE db = :n"), {"n": name}
-                ):
-                    conn.execute(text(f"KILL {int(pid)}"))
+                ).all():
+                    with contextlib.suppress(Exception):  # it may have closed meanwhile
+                        conn.execute(text(f"KILL {int(pid)}"))
             conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
         admin.dispose()
 

@@ -319,7 +319,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _install_routes(app: FastAPI, ctx: Context) -> None:
     settings, engine = ctx.settings, ctx.engine
 
-    def principal(request: Request) -> Principal:
+    async def principal(request: Request) -> Principal:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

@@ -116,9 +116,21 @@ def register(engine: Engine, stamp: str, description: Mapping[str, Any], vo: str
     return int(pilot_id)
 
 
+#: PilotStamp → PilotID never changes once assigned, and every match request names its pilot: remember them.
+_pilot_ids: dict[tuple[str, str], int] = {}
+
+
 def pilot_id_for(engine: Engine, stamp: str) -> int | None:
-    with read_transaction(engine) as conn:
-        return conn.execute(select(PilotAgents.PilotID).where(PilotAgents.PilotStamp == stamp)).scalar()
+    key = (str(engine.url), stamp)
+    pilot_id = _pilot_ids.get(key)
+    if pilot_id is None:
+        with read_transaction(engine) as conn:
+            pilot_id = conn.execute(select(PilotAgents.PilotID).where(PilotAgents.PilotStamp == stamp)).scalar()
+        if pilot_id is not None:
+            if len(_pilot_ids) > 100_000:
+                _pilot_ids.clear()
+            _pilot_ids[key] = pilot_id
+    return pilot_id
 
 
 def set_status(engine: Engine, stamp: str, status: str, reason: str = "", matched_jobs: int | None = None) -> dict:

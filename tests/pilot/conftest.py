@@ -223,10 +223,10 @@ class FakeScheduler:
             body = json.loads(request.body)
             self.heartbeats.append(body)
             return json_reply(
-                [{"job_id": int(j), "command": "Kill", "arguments": None} for j in body if int(j) in self.kill]
+                [{"job_id": int(j), "command": "Kill", "arguments": ""} for j in body if int(j) in self.kill]
             )
         if method == "POST" and path == "/api/jobs/reschedule":
-            self.reschedules.extend(int(j) for j in request.query["job_ids"])
+            self.reschedules.extend(int(j) for j in json.loads(request.body)["job_ids"])  # DiracX 0.7 body
             return json_reply({"success": {}, "failed": {}})
         if method == "POST" and path == "/api/x-embedded/pilots/register":
             body = json.loads(request.body)
