@@ -127,13 +127,18 @@ def _decode(key: bytes, token: str) -> dict[str, Any]:
 
 
 def verify_token(key: bytes, token: str) -> Principal:
+    return verify_token_with_expiry(key, token)[0]
+
+
+def verify_token_with_expiry(key: bytes, token: str) -> tuple[Principal, float]:
+    """The token's principal and its expiry time (epoch seconds)."""
     claims = _decode(key, token)
     if claims.get("kind") == "refresh":
         raise AuthError(401, "a refresh token is not an access token")
     role = claims.get("role")
     if role not in ROLES:
         raise AuthError(401, f"invalid token: unknown role {role!r}")
-    return Principal(
+    principal = Principal(
         role=role,
         owner=str(claims["sub"]),
         group=str(claims.get("dirac_group", "")),
@@ -142,3 +147,4 @@ def verify_token(key: bytes, token: str) -> Principal:
         run=claims.get("run"),
         pilot_stamp=claims.get("pilot_stamp"),
     )
+    return principal, float(claims["exp"])

@@ -11,7 +11,22 @@ import json
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
-from sqlalchemy import Engine, and_, delete, func, insert, not_, or_, select, update
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    not_,
+    or_,
+    select,
+    update,
+)
 
 from .. import jdl, states
 from ..jdl import JDLError
@@ -65,9 +80,53 @@ LogRecord = tuple  # (job_id, status, minor, application, time, source)
 
 
 # --- logging history -------------------------------------------------------------------------------------------
+#: One record appended with its sequence number computed by the database: the matcher's hot path.
+_APPEND_ONE = insert(LoggingInfo).from_select(
+    ["JobID", "SeqNum", "Status", "MinorStatus", "ApplicationStatus", "StatusTime", "StatusTimeOrder", "StatusSource"],
+    select(
+        bindparam("job", type_=Integer),
+        func.coalesce(func.max(LoggingInfo.SeqNum), 0) + 1,
+        bindparam("status", type_=String),
+        bindparam("minor", type_=String),
+        bindparam("application", type_=String),
+        bindparam("time", type_=DateTime),
+        bindparam("order", type_=Float),
+        bindparam("source", type_=String),
+    ).where(LoggingInfo.JobID == bindparam("job", type_=Integer)),
+)
+
+
+def _log_row(record: LogRecord) -> dict[str, Any]:
+    job_id, status, minor, application, when, source = record
+    return {
+        "JobID": job_id,
+        "Status": status or "idem",
+        "MinorStatus": (minor or "idem")[:128],
+        "ApplicationStatus": (application or "idem")[:255],
+        "StatusTime": when,
+        "StatusTimeOrder": when.replace(tzinfo=dt.timezone.utc).timestamp(),
+        "StatusSource": (source or "Unknown")[:160],
+    }
+
+
 def add_logging(conn: Any, records: Sequence[LogRecord], *, new_jobs: bool = False) -> None:
     """Append records to the jobs' histories (LoggingInfo), numbering each job's records in order."""
     if not records:
+        return
+    if len(records) == 1 and not new_jobs:
+        row = _log_row(records[0])
+        conn.execute(
+            _APPEND_ONE,
+            {
+                "job": row["JobID"],
+                "status": row["Status"],
+                "minor": row["MinorStatus"],
+                "application": row["ApplicationStatus"],
+                "time": row["StatusTime"],
+                "order": row["StatusTimeOrder"],
+                "source": row["StatusSource"],
+            },
+        )
         return
     next_seq: dict[int, int] = defaultdict(lambda: 1)
     if not new_jobs:
@@ -79,20 +138,11 @@ def add_logging(conn: Any, records: Sequence[LogRecord], *, new_jobs: bool = Fal
         ):
             next_seq[job_id] = (seq or 0) + 1
     rows = []
-    for job_id, status, minor, application, when, source in records:
-        rows.append(
-            {
-                "JobID": job_id,
-                "SeqNum": next_seq[job_id],
-                "Status": status or "idem",
-                "MinorStatus": (minor or "idem")[:128],
-                "ApplicationStatus": (application or "idem")[:255],
-                "StatusTime": when,
-                "StatusTimeOrder": when.replace(tzinfo=dt.timezone.utc).timestamp(),
-                "StatusSource": (source or "Unknown")[:160],
-            }
-        )
-        next_seq[job_id] += 1
+    for record in records:
+        row = _log_row(record)
+        row["SeqNum"] = next_seq[row["JobID"]]
+        next_seq[row["JobID"]] += 1
+        rows.append(row)
     conn.execute(insert(LoggingInfo), rows)
 
 

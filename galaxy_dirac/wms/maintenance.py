@@ -46,17 +46,22 @@ def mark_stalled(engine: Engine, settings: Settings, now: dt.datetime | None = N
             last = max(t for t in (row.HeartBeatTime, row.LastUpdateTime) if t is not None)
             if last >= cutoffs[row.Status]:
                 continue
-            minor = "Job stalled: pilot not running"
-            changed = conn.execute(
-                update(Jobs)
-                .where(Jobs.JobID == row.JobID, Jobs.Status == row.Status)
-                .values(Status=states.STALLED, MinorStatus=minor, LastUpdateTime=now)
-            ).rowcount
-            if changed:
-                records.append((row.JobID, states.STALLED, minor, None, now, "StalledJobAgent"))
+            if _move(conn, row, states.STALLED, "Job stalled: pilot not running", now, records):
                 done.append(row.JobID)
         jobs.add_logging(conn, records)
     return done
+
+
+def _move(conn: Any, row: Any, status: str, minor: str, now: dt.datetime, records: list, **values: Any) -> bool:
+    """Move a job on from the status it was read in, unless something else moved it meanwhile; log the change."""
+    changed = conn.execute(
+        update(Jobs)
+        .where(Jobs.JobID == row.JobID, Jobs.Status == row.Status)
+        .values(Status=status, MinorStatus=minor, LastUpdateTime=now, **values)
+    ).rowcount
+    if changed:
+        records.append((row.JobID, status, minor, None, now, "StalledJobAgent"))
+    return bool(changed)
 
 
 def handle_stalled(engine: Engine, settings: Settings, now: dt.datetime | None = None) -> list[int]:
@@ -74,12 +79,7 @@ def handle_stalled(engine: Engine, settings: Settings, now: dt.datetime | None =
                 jobs.reschedule_in(conn, row, settings, records, "StalledJobAgent")
             else:
                 minor = f"Stalling for more than {int(settings.failed_after)} sec"
-                conn.execute(
-                    update(Jobs)
-                    .where(Jobs.JobID == row.JobID, Jobs.Status == states.STALLED)
-                    .values(Status=states.FAILED, MinorStatus=minor, LastUpdateTime=now, EndExecTime=now)
-                )
-                records.append((row.JobID, states.FAILED, minor, None, now, "StalledJobAgent"))
+                _move(conn, row, states.FAILED, minor, now, records, EndExecTime=now)
             done.append(row.JobID)
         jobs.add_logging(conn, records)
     return done
