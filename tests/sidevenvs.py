@@ -34,8 +34,26 @@ DIRACX_REQUIREMENTS: List[str] = [
     "pyjwt",
 ]
 
+#: A Galaxy server (backend + web app) for the runner tests in tests/runner; our package goes on its PYTHONPATH.
+GALAXY_VERSION = "26.1.*"
+GALAXY_REQUIREMENTS: List[str] = [
+    f"galaxy-app=={GALAXY_VERSION}",
+    f"galaxy-web-apps=={GALAXY_VERSION}",
+    "requests",
+]
+
 #: Known side venvs by name, for the command line.
-KNOWN: Dict[str, List[str]] = {"diracx": DIRACX_REQUIREMENTS}
+KNOWN: Dict[str, List[str]] = {"diracx": DIRACX_REQUIREMENTS, "galaxy": GALAXY_REQUIREMENTS}
+
+
+def _openstack_requirements() -> List[str]:
+    """Keystone + nova-api for the OpenStack CE tests; the list lives beside the fixtures that use it."""
+    from tests.sitedirector.openstack_servers import OPENSTACK_REQUIREMENTS
+
+    return OPENSTACK_REQUIREMENTS
+
+
+KNOWN["openstack"] = _openstack_requirements()
 
 MARKER = ".galaxy-dirac-complete"
 

@@ -56,6 +56,7 @@ _OPTIONS = [
     ("ca-bundle", str, None, "CA bundle (file or directory) to verify the scheduler's certificate"),
     ("heartbeat-interval", float, 30.0, "seconds between job heartbeats"),
     ("max-empty-matches", int, 10, "stop after this many consecutive empty matches"),
+    ("match-wait", float, 10.0, "seconds the scheduler may hold an empty match open (long poll; 0: plain polling)"),
     ("idle-backoff", float, 5.0, "first wait after an empty match, in seconds (doubles up to --idle-backoff-max)"),
     ("idle-backoff-max", float, 120.0, "longest wait between empty matches, in seconds"),
     ("kill-grace", float, 10.0, "seconds between SIGTERM and SIGKILL when killing a payload"),
@@ -195,7 +196,14 @@ class Pilot:
     def match(self, free_processors: int, free_memory: int) -> Optional[Dict[str, Any]]:
         """Ask for one job that fits; ``None`` when there is none (or the scheduler cannot be reached)."""
         body = self.slot.describe(free_processors, free_memory)
-        response = self.client.request("POST", "api/x-embedded/match", json_body=body)
+        wait = self.options.match_wait
+        response = self.client.request(
+            "POST",
+            "api/x-embedded/match",
+            params={"wait": wait} if wait > 0 else None,
+            json_body=body,
+            timeout=wait + 60 if wait > 0 else None,
+        )
         if response.status == 204 or not response.body:
             return None
         return response.json()
@@ -257,6 +265,7 @@ class Pilot:
             if reason:
                 return reason
             free, memory = self._free()
+            asked = time.monotonic()
             if free > 0:
                 try:
                     match = self.match(free, memory)
@@ -285,7 +294,10 @@ class Pilot:
                     return f"no job matched in {empty} consecutive attempts"
                 if self.options.max_idle and time.monotonic() - idle_since >= self.options.max_idle:
                     return f"idle for {self.options.max_idle:g} s"
-            delay = backoff.delay(empty - 1) if free > 0 else backoff.cap
+            if free > 0 and time.monotonic() - asked >= self.options.match_wait / 2 > 0:
+                delay = 0.0  # the scheduler held the request: that was the wait (a server ignoring it answers at once)
+            else:
+                delay = backoff.delay(empty - 1) if free > 0 else backoff.cap
             self._wake.wait(delay)
             self._wake.clear()
 

@@ -125,10 +125,10 @@ def weighted_order(queues: Iterable[tuple[int, float]], rng: random.Random) -> l
 class _Eligible:
     """The eligible queues of one slot signature, with cumulative weights for O(log n) weighted draws."""
 
-    def __init__(self, queues: list[tuple[int, float]], expires: float) -> None:
+    def __init__(self, queues: list[tuple[int, float]], expires: float, generation: int) -> None:
+        self.generation = generation
         self.queues = queues
         self.expires = expires
-        self.generation = taskqueues.generation
         self.cumulative = list(itertools.accumulate(max(p, 1e-9) for _, p in queues))
 
     def draw(self, rng: random.Random) -> int:
@@ -139,6 +139,9 @@ class _Eligible:
 #: Pilots of one CE queue all describe the same slot, so the eligibility query (which reads every task queue) is
 #: shared between their match requests for a moment. A queue created meanwhile is seen at most this late.
 ELIGIBLE_TTL = 2.0
+#: "Nothing fits this slot" is remembered for less long: idle pilots long-poll, and a job queued by another API
+#: worker must reach them quickly (this process's own submissions invalidate the cache at once).
+NOTHING_TTL = 0.5
 _eligible_cache: dict[tuple, _Eligible] = {}
 _cache_lock = threading.Lock()
 
@@ -172,14 +175,12 @@ def _eligible(engine: Engine, slot: Slot, *, refresh: bool = False) -> _Eligible
     now = time.monotonic()
     entry = None if refresh else _eligible_cache.get(key)
     if entry is None or entry.expires < now or entry.generation != taskqueues.generation:
+        generation = taskqueues.generation  # read before the query: a change during it forces a re-read
         queues = eligible_queues(engine, slot)
-        entry = _Eligible(queues, now + ELIGIBLE_TTL) if queues else None
+        entry = _Eligible(queues, now + (ELIGIBLE_TTL if queues else NOTHING_TTL), generation)
         with _cache_lock:
-            if entry is None:
-                _eligible_cache.pop(key, None)
-            else:
-                _eligible_cache[key] = entry
-    return entry
+            _eligible_cache[key] = entry
+    return entry if entry.queues else None
 
 
 def match(engine: Engine, slot: Slot, *, pilot_id: int | None = None, rng: random.Random | None = None) -> int | None:

@@ -38,7 +38,8 @@ CPU_SEGMENTS = (
 #: DIRAC caps a task queue at this many jobs; a fuller queue gets a sibling with the same key.
 MAX_JOBS_IN_TQ = 5000
 
-#: Bumped whenever this process creates a task queue, so cached eligibility (matcher) is re-read at once here.
+#: Bumped whenever this process creates a task queue or queues jobs, so cached eligibility (matcher) is re-read at
+#: once here and waiting long-poll matches wake up.
 generation = 0
 
 
@@ -165,6 +166,8 @@ def _create(conn: Connection, key: TQKey, digest: str) -> int | None:
 
 def insert_jobs(conn: Connection, rows: Iterable[tuple[int, int, int]]) -> None:
     """Queue jobs as (TQId, JobId, Priority)."""
+    global generation
+    generation += 1
     conn.execute(
         insert(TQJobs),
         [{"TQId": tq, "JobId": job, "Priority": prio, "RealPriority": float(prio)} for tq, job, prio in rows],

@@ -230,6 +230,8 @@ class Pilot:
                 "0.2",
                 "--idle-backoff-max",
                 "1",
+                "--match-wait",
+                "1",
                 "--log-level",
                 "DEBUG",
                 *extra,
@@ -555,3 +557,18 @@ def test_sigterm_hands_running_jobs_back(wms, pyz, site, tmp_path, cleanup):
     row = wms.pilot_row(pilot.stamp)
     assert row["MatchedJobs"] == 1 and "stopped by signal" in row["StatusReason"], row
     wms.api("PATCH", "/api/jobs/status", json={str(job_id): {now(): {"Status": "Killed", "Source": "test"}}})
+
+
+def test_long_polling_pilot_gets_a_job_queued_while_it_waits(wms, pyz, site, tmp_path, cleanup):
+    """An idle pilot holds its match request open (``--match-wait``); a job queued meanwhile reaches it at once,
+    not at the end of the wait nor after a back-off."""
+    pilot = Pilot(pyz, wms, tmp_path / "pilot", site, "--match-wait", "30", "--max-empty-matches", "5")
+    cleanup[0].append(pilot)
+    registered = {"stamp": pilot.stamp, "status": "Running"}
+    wait_for(lambda: wms.api("GET", "/api/x-embedded/pilots", params=registered), 30, "pilot registration")
+    time.sleep(1.0)  # the pilot is now inside its first long poll
+    job_id = wms.submit(jdl(site, Executable="/bin/true"))
+    queued = time.monotonic()
+    wms.wait_status(job_id, ("Matched", "Running", "Completing", "Done"), timeout=25)
+    assert time.monotonic() - queued < 25, "the long poll did not wake up for the new job"
+    assert wms.wait_status(job_id, ("Done",), timeout=30)["Status"] == "Done"

@@ -1,0 +1,161 @@
+"""The one interface every computing-element backend implements.
+
+The director only ever talks to a :class:`ComputingElement`; backends are picked by the queue's
+``type`` in the config through :data:`CE_TYPES`, an import-path registry, so a new backend is one
+module plus one registry line and the director never imports optional dependencies (htcondor,
+keystoneauth1) unless a queue uses them.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Union
+
+#: DIRAC pilot states a backend may report.
+SUBMITTED = "Submitted"
+WAITING = "Waiting"
+SCHEDULED = "Scheduled"
+RUNNING = "Running"
+DONE = "Done"
+FAILED = "Failed"
+ABORTED = "Aborted"
+DELETED = "Deleted"
+UNKNOWN = "Unknown"
+
+PILOT_STATES = (SUBMITTED, WAITING, SCHEDULED, RUNNING, DONE, FAILED, ABORTED, DELETED, UNKNOWN)
+#: States in which a pilot has not started yet (counted as "waiting" by the policy).
+WAITING_STATES = frozenset({SUBMITTED, WAITING, SCHEDULED})
+#: States from which a pilot never moves again.
+FINAL_STATES = frozenset({DONE, FAILED, ABORTED, DELETED})
+
+
+class CEError(Exception):
+    """The CE could not be reached or refused the request; the director backs the queue off."""
+
+
+class CEQueueFull(CEError):
+    """The CE accepted the credentials but has no room (quota, slots); not a fault, just no pilots now."""
+
+
+@dataclass
+class PilotRef:
+    """One pilot as the CE knows it.
+
+    ``reference`` is the CE's own id (``htcondorce://host:9619/123.4``, a Nova server UUID, a PID) and
+    ``stamp`` the pilot stamp the scheduler knows it by; the director keeps the pair so that the
+    scheduler's PilotAgents rows and the CE's jobs can be joined.
+    """
+
+    reference: str
+    stamp: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PilotStatus:
+    """A pilot's state on the CE (one of :data:`PILOT_STATES`) and a reason for failures."""
+
+    state: str
+    reason: str = ""
+
+
+class PilotBundle(Protocol):
+    """What a backend gets to build pilot payloads (implemented by :class:`sitedirector.bundle.Bundle`)."""
+
+    def wrapper(self, stamp: Optional[str] = None) -> str:
+        """Bash script that runs one pilot with this stamp on a bare node with python3 (no stamp: ``$1``)."""
+
+    def cloud_init(self, stamp: str) -> Union[str, bytes]:
+        """cloud-init user data for a VM that runs one pilot and powers off when it ends.
+
+        The real bundle returns gzip-compressed bytes (cloud-init detects gzip) to fit Nova's 64 KiB limit;
+        a backend base64-encodes whatever it gets, as is.
+        """
+
+    def pilot_args(self, stamp: str) -> list[str]:
+        """Command-line arguments for the stdlib pilot (``python3 pilot.pyz <args>``)."""
+
+
+class ComputingElement(abc.ABC):
+    """A place pilots run. One instance per configured queue; methods are called from that queue's thread.
+
+    ``queue`` is the validated :class:`sitedirector.config.QueueConfig` (name, site, ce, endpoint,
+    processors, memory, cpu_time, options, credentials ...), ``bundle`` builds the pilot payload
+    (wrapper script / cloud-init user data) for a list of stamps.
+    """
+
+    #: The value of ``type`` in the config that selects this backend.
+    type_name: str = ""
+
+    def __init__(self, queue: Any, bundle: Optional[PilotBundle] = None) -> None:
+        self.queue = queue
+        self.bundle = bundle
+
+    @abc.abstractmethod
+    def submit(self, stamps: Sequence[str]) -> list[PilotRef]:
+        """Start ``len(stamps)`` pilots, one per stamp; return a reference per started pilot.
+
+        May return fewer references than stamps (partial success). Raises :class:`CEQueueFull` when
+        nothing could be started for lack of room, :class:`CEError` for any other failure.
+        """
+
+    @abc.abstractmethod
+    def status(self, refs: Sequence[PilotRef]) -> dict[str, PilotStatus]:
+        """Map ``ref.reference`` → :class:`PilotStatus` for the given pilots.
+
+        Pilots the CE no longer knows are reported as ``Unknown`` (the policy turns long-Unknown into
+        Aborted). Raises :class:`CEError` if the CE cannot be asked at all.
+        """
+
+    @abc.abstractmethod
+    def kill(self, refs: Sequence[PilotRef]) -> None:
+        """Stop these pilots (remove the job / delete the VM / terminate the process)."""
+
+    @abc.abstractmethod
+    def cleanup(self, refs: Optional[Sequence[PilotRef]] = None) -> list[PilotRef]:
+        """Release CE resources of finished pilots and reap orphans; return the refs removed.
+
+        ``refs`` are the pilots the director still tracks (None: the backend decides from its own
+        listing, e.g. after a director restart).
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to release
+        """Release connections; called once at shutdown."""
+
+
+#: config ``type`` → "module:Class". Add a line here for a new backend; nothing else changes.
+CE_TYPES: dict[str, str] = {
+    "local": "sitedirector.ce.local:LocalComputingElement",
+    "htcondorce": "sitedirector.ce.htcondorce:HTCondorCEComputingElement",
+    "openstack": "sitedirector.ce.openstack:OpenStackComputingElement",
+}
+
+
+def ce_class(type_name: str, registry: Optional[Mapping[str, str]] = None) -> type[ComputingElement]:
+    """Import the backend for ``type_name`` lazily, so optional deps load only when a queue uses them."""
+    reg = CE_TYPES if registry is None else registry
+    try:
+        path = reg[type_name]
+    except KeyError:
+        raise CEError(f"unknown CE type {type_name!r} (known: {', '.join(sorted(reg))})") from None
+    module_name, _, cls_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CEError(f"CE type {type_name!r} needs {module_name}: {exc}") from exc
+    cls = getattr(module, cls_name)
+    if not (isinstance(cls, type) and issubclass(cls, ComputingElement)):
+        raise CEError(f"{path} is not a ComputingElement")
+    return cls
+
+
+def make_ce(queue: Any, bundle: Any = None) -> ComputingElement:
+    """Build the backend for a configured queue (``queue.type``)."""
+    return ce_class(queue.type)(queue, bundle)
+
+
+def known_types() -> Iterable[str]:
+    """The config ``type`` values the registry knows."""
+    return CE_TYPES.keys()
