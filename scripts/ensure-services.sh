@@ -11,6 +11,11 @@ if ! port_open 3306 && [ -x /usr/sbin/mariadbd ]; then
   start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd || true
   for _ in $(seq 30); do port_open 3306 && break; sleep 1; done
 fi
+# Debian's Chromium for the monitoring page's browser test (Playwright drives it; no browser download).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium" >&2
+fi
 port_open 5432 || echo "warning: PostgreSQL is not answering on 127.0.0.1:5432" >&2
 port_open 3306 || echo "warning: MariaDB is not answering on 127.0.0.1:3306" >&2
 exit 0

@@ -5,14 +5,16 @@ matcher, pilots, sandbox_metadata or taskqueues. Errors carry ``{"detail": ...}`
 that fails writes nothing.
 """
 
+import asyncio
 import datetime as dt
 import fcntl
 import json
 import logging
 import os
 import tempfile
+import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, AsyncIterator, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, AsyncIterator, Dict, List, Literal, Optional, Tuple, Union
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -23,7 +25,7 @@ from sqlalchemy.exc import DataError
 from .. import jdl
 from ..jdl import JDLError
 from . import jobs, maintenance, matcher, pilots, sandbox_metadata, taskqueues
-from .auth import AuthError, Principal, create_token, refresh_tokens, verify_token
+from .auth import AuthError, Principal, create_token, refresh_tokens, verify_token_with_expiry
 from .config import Settings
 from .db import create_schema, make_engine, read_transaction
 from .sandboxes import (
@@ -231,6 +233,19 @@ class Context:
         create_schema(self.engine)
         self.key = settings.signing_key(create=True)
         self.store = SandboxStore(settings.sandbox_dir, max_size=settings.max_sandbox_size)
+        self._verified: Dict[str, Tuple[Principal, float]] = {}
+
+    def verify(self, token: str) -> Principal:
+        """Verify a bearer token, remembering good ones: pilots and runners send the same token many times a second,
+        and a JWT signature check costs more than a match. Expiry is still checked on every use."""
+        hit = self._verified.get(token)
+        if hit is not None and hit[1] > time.time():
+            return hit[0]
+        principal, expires = verify_token_with_expiry(self.key, token)
+        if len(self._verified) >= 10_000:
+            self._verified.clear()
+        self._verified[token] = (principal, expires)
+        return principal
 
     def delete_sandbox(self, pfn: str) -> None:
         # Bytes are shared between owners (content addressed): only drop them when no pfn names the key any more.
@@ -270,6 +285,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, settings=settings)
     _install_error_handlers(app)
     _install_routes(app, ctx)
+    _install_monitoring_routes(app, ctx)
     return app
 
 
@@ -324,7 +340,7 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError(401, "Authorization header is missing")
-        return verify_token(ctx.key, token.strip())
+        return ctx.verify(token.strip())
 
     Caller = Annotated[Principal, Depends(principal)]
     PathJobId = Annotated[int, Path(ge=0, le=2**63 - 1)]
@@ -527,7 +543,8 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         return json_response(pilots.list_pilots(engine, stamps=stamp, statuses=status, queue=queue, limit=limit))
 
     @app.post("/api/x-embedded/match", tags=["pilots"])
-    def match(caller: Caller, body: SlotDescription) -> Response:
+    async def match(caller: Caller, body: SlotDescription, wait: Annotated[float, Query(ge=0, le=120)] = 0) -> Response:
+        """Hand the slot one job; with ``wait``, hold an empty answer up to that many seconds (long poll)."""
         caller.require("pilot", "admin")
         platforms = [body.Platform] if isinstance(body.Platform, str) else body.Platform
         slot = matcher.Slot(
@@ -542,10 +559,16 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
             pilot_stamp=body.PilotStamp,
             owner_groups=body.OwnerGroup,
         )
-        pilot_id = pilots.pilot_id_for(engine, body.PilotStamp) if body.PilotStamp else None
-        row = matcher.match_job(engine, slot, pilot_id=pilot_id)
-        if row is None:
-            return Response(status_code=204)
+        pilot_id = await run_in_threadpool(pilots.pilot_id_for, engine, body.PilotStamp) if body.PilotStamp else None
+        deadline = time.monotonic() + wait
+        while True:
+            seen = taskqueues.generation
+            row = await run_in_threadpool(matcher.match_job, engine, slot, pilot_id=pilot_id)
+            if row is not None:
+                break
+            if time.monotonic() >= deadline:
+                return Response(status_code=204)
+            await _until_new_jobs(seen, min(deadline, time.monotonic() + RECHECK_INTERVAL))
         job_id, text = row.JobID, row.JDL
         lifetime = settings.job_token_lifetime
         token = create_token(
@@ -626,6 +649,160 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         with read_transaction(engine) as conn:
             conn.execute(select(1))
         return json_response({"status": "ok"})
+
+
+# --- monitoring page, accounting plots and /metrics (kept apart from the DiracX routes) -------------------------
+def _install_monitoring_routes(app: FastAPI, ctx: Context) -> None:
+    """The operators' page (``/monitor``), its read-only JSON API, accounting plots and Prometheus ``/metrics``.
+
+    Every data route needs an admin or reader token; the page itself is static and asks for the token.
+    """
+    from fastapi.responses import RedirectResponse
+    from fastapi.staticfiles import StaticFiles
+
+    from . import accounting, metrics, monitoring
+
+    engine = ctx.engine
+    monitoring.ensure_schema(engine)
+    registry = metrics.Registry()
+    app.state.metrics = registry
+    app.add_middleware(metrics.MetricsMiddleware, registry=registry)
+    static_dir = os.path.join(os.path.dirname(__file__), "static")
+    app.mount("/monitor/static", StaticFiles(directory=static_dir), name="monitor-static")
+
+    bearer = _bearer(ctx)
+
+    def reader(request: Request) -> Principal:
+        caller = bearer(request)
+        caller.require("admin", "reader")
+        return caller
+
+    Reader = Annotated[Principal, Depends(reader)]
+    Caller = Annotated[Principal, Depends(bearer)]
+    Page = Annotated[int, Query(ge=1, le=10**9)]
+    PerPage = Annotated[int, Query(ge=1, le=1000)]
+
+    def bad_request(exc: ValueError) -> HTTPException:
+        return HTTPException(400, str(exc))
+
+    @app.get("/", include_in_schema=False)
+    def root() -> Response:
+        return RedirectResponse("/monitor")
+
+    @app.get("/monitor", include_in_schema=False)
+    def monitor_page() -> Response:
+        from fastapi.responses import FileResponse
+
+        return FileResponse(os.path.join(static_dir, "monitor.html"), media_type="text/html")
+
+    @app.get("/api/x-embedded/monitoring/facets", tags=["monitoring"])
+    def monitoring_facets(_: Reader) -> Response:
+        return json_response(monitoring.facets(engine))
+
+    @app.get("/api/x-embedded/monitoring/jobs", tags=["monitoring"])
+    def monitoring_jobs(
+        _: Reader,
+        status: Annotated[list[str], Query()] = [],  # noqa: B006 - FastAPI query default
+        site: str = "",
+        owner: str = "",
+        group: str = "",
+        jobgroup: str = "",
+        page: Page = 1,
+        per_page: PerPage = 50,
+        sort: str = "JobID",
+        direction: Literal["asc", "desc"] = "desc",
+    ) -> Response:
+        filters = {"status": status, "site": site, "owner": owner, "group": group, "jobgroup": jobgroup}
+        try:
+            result = monitoring.list_jobs(
+                engine, filters, page=page, per_page=per_page, sort=sort, descending=direction == "desc"
+            )
+        except ValueError as exc:
+            raise bad_request(exc) from exc
+        return json_response(result)
+
+    @app.get("/api/x-embedded/monitoring/jobs/{job_id}", tags=["monitoring"])
+    def monitoring_job(_: Reader, job_id: Annotated[int, Path(ge=0, le=2**63 - 1)]) -> Response:
+        return json_response(monitoring.job_detail(engine, job_id))
+
+    @app.get("/api/x-embedded/monitoring/pilots/summary", tags=["monitoring"])
+    def monitoring_pilot_summary(_: Reader) -> Response:
+        return json_response(monitoring.pilot_summary(engine))
+
+    @app.get("/api/x-embedded/monitoring/pilots", tags=["monitoring"])
+    def monitoring_pilots(
+        _: Reader, status: str = "", queue: str = "", ce: str = "", page: Page = 1, per_page: PerPage = 50
+    ) -> Response:
+        filters = {"status": status, "queue": queue, "ce": ce}
+        return json_response(monitoring.list_pilots(engine, filters, page=page, per_page=per_page))
+
+    @app.get("/api/x-embedded/monitoring/taskqueues", tags=["monitoring"])
+    def monitoring_taskqueues(_: Reader) -> Response:
+        return json_response(monitoring.taskqueue_demand(engine))
+
+    @app.get("/api/x-embedded/monitoring/sitedirector", tags=["monitoring"])
+    def monitoring_decisions(_: Reader) -> Response:
+        return json_response(monitoring.last_decisions(engine))
+
+    @app.post("/api/x-embedded/monitoring/sitedirector", tags=["monitoring"])
+    def record_decisions(caller: Caller, body: Annotated[list[dict], Body()]) -> Response:
+        caller.require("pilot", "admin")
+        return json_response({"recorded": monitoring.record_decisions(engine, body, caller.owner)})
+
+    @app.get("/api/x-embedded/accounting/{kind}", tags=["monitoring"])
+    def accounting_plot(
+        _: Reader,
+        kind: str,
+        since: str = "30d",
+        until: str = "",
+        bucket: str = "1d",
+        format: Literal["json", "csv", "png"] = "json",  # noqa: A002 - the query parameter's public name
+        width: Annotated[int, Query(ge=200, le=4000)] = 1200,
+        height: Annotated[int, Query(ge=150, le=3000)] = 600,
+    ) -> Response:
+        try:
+            data = accounting.aggregate(
+                engine,
+                kind,
+                accounting.parse_time(since),
+                accounting.parse_time(until or None),
+                accounting.parse_duration(bucket),
+            )
+        except accounting.AccountingError as exc:
+            raise bad_request(exc) from exc
+        if format == "csv":
+            return Response(accounting.to_csv(data), media_type="text/csv")
+        if format == "png":
+            try:
+                png = accounting.render_png(data, width, height)
+            except ImportError as exc:
+                raise HTTPException(501, f"plots need matplotlib (pip install matplotlib): {exc}") from exc
+            return Response(png, media_type="image/png")
+        return json_response(data)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics(_: Reader) -> Response:
+        return Response(metrics.render(engine, registry), media_type=metrics.CONTENT_TYPE)
+
+
+def _bearer(ctx: Context) -> Any:
+    def dependency(request: Request) -> Principal:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError(401, "Authorization header is missing")
+        return ctx.verify(token.strip())
+
+    return dependency
+
+
+#: A long-polling match re-reads the database this often, for jobs queued by other API workers; jobs queued by this
+#: process wake it at once.
+RECHECK_INTERVAL = 0.5
+
+
+async def _until_new_jobs(seen: int, until: float) -> None:
+    while taskqueues.generation == seen and time.monotonic() < until:
+        await asyncio.sleep(0.02)
 
 
 def _principal_data(caller: Principal) -> dict[str, Any]:

@@ -245,6 +245,10 @@ _JOB_INFO = (
     .join(JobJDLs, JobJDLs.JobID == Jobs.JobID)
     .where(Jobs.JobID == bindparam("job"))
 )
+# A rescheduled job may come back to the pilot that ran it before: replace that pilot's row, don't duplicate it.
+_UNMAP = delete(JobToPilotMapping).where(
+    JobToPilotMapping.PilotID == bindparam("pilot"), JobToPilotMapping.JobID == bindparam("job")
+)
 _MAP = insert(JobToPilotMapping).values(PilotID=bindparam("pilot"), JobID=bindparam("job"), StartTime=bindparam("now"))
 _PILOT_BUSY = (
     update(PilotAgents)
@@ -280,6 +284,7 @@ def _take_from_queue(engine: Engine, tq_id: int, slot: Slot, pilot_id: int | Non
                 conn, [(job_id, states.MATCHED, "Assigned", "", now, f"Matcher ({slot.pilot_stamp or 'pilot'})")]
             )
             if pilot_id is not None:
+                conn.execute(_UNMAP, {"pilot": pilot_id, "job": job_id})
                 conn.execute(_MAP, {"pilot": pilot_id, "job": job_id, "now": now})
                 conn.execute(_PILOT_BUSY, {"pilot": pilot_id, "job": job_id, "now": now})
             return Matched(*conn.execute(_JOB_INFO, {"job": job_id}).one())
