@@ -9,6 +9,7 @@ reference, status) are the record — so a restart picks up where it left off.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -98,6 +99,23 @@ class SchedulerClient:
             "references": {r.stamp: r.reference for r in refs},
         }
         self._call("POST", "/api/x-embedded/pilots", json=body)
+
+    def report_decisions(self, decisions: Sequence[policy.Decision]) -> None:
+        """Show this cycle's decisions on the scheduler's monitoring page (one place to look)."""
+        body = [
+            {
+                "queue": d.queue,
+                "submit": d.submit,
+                "matching_jobs": d.matching_jobs,
+                "skipped": d.skipped,
+                "tqs": d.tqs,
+                "counts": dataclasses.asdict(d.counts),
+                "summary": d.describe(),
+            }
+            for d in decisions
+        ]
+        if body:
+            self._call("POST", "/api/x-embedded/monitoring/sitedirector", json=body)
 
     def set_status(self, stamp: str, status: str, reason: str = "") -> None:
         """Record what the CE says about a pilot that cannot say it itself."""
@@ -205,6 +223,10 @@ class Director:
             return []
         if dry_run:
             return decisions
+        try:
+            self.client.report_decisions(decisions)
+        except SchedulerError as exc:  # monitoring only: never a reason to skip the cycle
+            log.warning("cycle %d: could not report decisions: %s", self.cycles, exc)
         self._count_finished(by_queue)
         dispatched = []
         for d in decisions:

@@ -57,6 +57,9 @@ def test_demand_to_pilots_to_done(scheduler: Scheduler, tmp_path: Path, uid: str
     assert any(" INFO    sitedirector: " in line for line in result.stderr.splitlines()), result.stderr
     pilots = scheduler.pilots(queue=name)
     assert len(pilots) == 3 and all(p["GridSite"] == site for p in pilots)
+    # The cycle's decision is on the scheduler's monitoring page.
+    shown = scheduler.admin.get(f"{scheduler.url}/api/x-embedded/monitoring/sitedirector", timeout=30).json()
+    assert any(str(d).count(name) and "submit 3" in str(d) for d in shown), shown
 
     for job_id in job_ids:
         wait_for(lambda j=job_id: scheduler.job(j)["Status"] == "Done", 60, f"job {job_id} Done")
