@@ -1,0 +1,429 @@
+"""Galaxy job runner plugin: every Galaxy job as a DIRAC job (embedded scheduler or DiracX 0.7).
+
+``job_conf.yml``::
+
+    runners:
+      dirac:
+        load: galaxy_dirac.runner:DiracJobRunner
+        scheduler_url: https://wms.example.org     # or env GALAXY_DIRAC_SCHEDULER_URL
+        token_file: /etc/galaxy/dirac.token        # or token:, or env GALAXY_DIRAC_TOKEN(_FILE)
+        galaxy_url: https://galaxy.example.org     # as seen from worker nodes; or env GALAXY_DIRAC_GALAXY_URL
+        status_batch_size: 500
+        transport: galaxy                          # default transport: galaxy | sandbox
+    execution:
+      environments:
+        dirac:
+          runner: dirac
+          site: LCG.CERN.ch          # also banned_sites, tags, processors, memory (MB), cpu_time (s), platform,
+          transport: sandbox         # priority, job_group, container
+
+The only module of the package that imports Galaxy. Bulk by design: one status search per monitor cycle for all
+watched jobs. What finishing needs is persisted in the job working directory (``galaxy_dirac_state.json``) so a
+restarted Galaxy re-attaches every job (``recover``) without submitting anything twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import uuid
+from typing import Any, Dict, List, Optional
+
+from galaxy import model
+from galaxy.jobs.runners import AsynchronousJobRunner, AsynchronousJobState
+
+from galaxy_dirac import jdl as jdl_mod
+from galaxy_dirac import staging
+from galaxy_dirac.archive import safe_extract
+from galaxy_dirac.client import WMSClient, WMSError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DiracJobRunner"]
+
+QUEUED_STATES = {"Received", "Checking", "Staging", "Waiting", "Matched", "Rescheduled"}
+RUNNING_STATES = {"Running", "Completing", "Stalled"}
+DONE_STATES = {"Done", "Completed"}
+FAILED_STATES = {"Failed", "Killed", "Deleted"}
+#: DIRAC minor statuses of transfer failures to/from Galaxy, retried by rescheduling the DIRAC job.
+TRANSFER_FAILURES = ("Input staging failed", "Output staging failed")
+MAX_TRANSFER_RETRIES = 3
+#: Cycles a job may be missing from the scheduler's answer before it is failed.
+MAX_MISSING_CYCLES = 10
+STATUS_PARAMETERS = [
+    "JobID",
+    "Status",
+    "MinorStatus",
+    "ApplicationStatus",
+    "Site",
+    "StartExecTime",
+    "EndExecTime",
+    "RescheduleCounter",
+]
+
+
+def _env(name: str) -> Optional[str]:
+    return os.environ.get(name) or None
+
+
+def _list(value: Any) -> List[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value if str(v)]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+class DiracJobState(AsynchronousJobState):
+    def __init__(self, job_wrapper: Any, job_destination: Any, dirac_id: Optional[str] = None) -> None:
+        super().__init__(job_wrapper, job_destination, files_dir=job_wrapper.working_directory, job_id=dirac_id)
+        self.missing_cycles = 0
+        self.dirac_row: Dict[str, Any] = {}
+
+
+class DiracJobRunner(AsynchronousJobRunner):
+    runner_name = "DiracRunner"
+
+    def __init__(self, app: Any, nworkers: int, **kwargs: Any) -> None:
+        specs = dict(
+            scheduler_url=dict(map=str, default=_env("GALAXY_DIRAC_SCHEDULER_URL")),
+            token=dict(map=str, default=_env("GALAXY_DIRAC_TOKEN")),
+            token_file=dict(map=str, default=_env("GALAXY_DIRAC_TOKEN_FILE")),
+            galaxy_url=dict(map=str, default=_env("GALAXY_DIRAC_GALAXY_URL")),
+            status_batch_size=dict(map=int, valid=lambda x: int(x) > 0, default=500),
+            transport=dict(map=str, valid=lambda x: x in staging.TRANSPORTS, default="galaxy"),
+            verify_ssl=dict(map=lambda x: str(x).lower() not in ("false", "0", "no"), default=True),
+            job_name_prefix=dict(map=str, default="galaxy"),
+        )
+        kwargs["runner_param_specs"] = specs
+        super().__init__(app, nworkers, **kwargs)
+        url = self.runner_params["scheduler_url"]
+        if not url:
+            raise ValueError("DiracJobRunner needs scheduler_url (or GALAXY_DIRAC_SCHEDULER_URL)")
+        self.client = WMSClient(
+            url,
+            self.runner_params["token"],
+            token_file=self.runner_params["token_file"],
+            verify=self.runner_params["verify_ssl"],
+        )
+
+    # -- submission ---------------------------------------------------------------------------------------------------
+
+    def _galaxy_url(self) -> Optional[str]:
+        return self.runner_params["galaxy_url"] or getattr(self.app.config, "galaxy_infrastructure_url", None)
+
+    def _spec(self, job_wrapper: Any, transport: str) -> staging.JobSpec:
+        job = job_wrapper.get_job()
+        work = os.path.abspath(job_wrapper.working_directory)
+        inputs: List[str] = []
+        extra_dirs: List[str] = []
+        for dataset in job_wrapper.job_io.get_input_datasets():
+            inputs.append(dataset.get_file_name())
+            try:
+                extra = dataset.extra_files_path
+            except Exception:  # noqa: BLE001 - object stores without a local extra files path
+                extra = None
+            if extra and os.path.isdir(extra):
+                extra_dirs.append(extra)
+        outputs = [dp.real_path for dp in job_wrapper.job_io.get_output_fnames()]
+        tool = job_wrapper.tool
+        return staging.JobSpec(
+            galaxy_job_id=int(job.id),
+            working_directory=work,
+            job_script=os.path.join(work, f"galaxy_{job_wrapper.get_id_tag()}.sh"),
+            inputs=inputs,
+            input_extra_dirs=extra_dirs,
+            outputs=outputs,
+            tool_dir=getattr(tool, "tool_dir", None),
+            transport=transport,
+            galaxy_url=self._galaxy_url(),
+            encoded_job_id=self.app.security.encode_id(job.id),
+            job_key=self.app.security.encode_id(job.id, kind="jobs_files"),
+        )
+
+    def _jdl(self, job_wrapper: Any, params: Dict[str, Any], job_name: str, pfn: str, transport: str) -> str:
+        attrs: Dict[str, Any] = {
+            "Executable": staging.LAUNCHER,
+            "JobName": job_name,
+            "JobGroup": str(params.get("job_group") or f"galaxy-{job_wrapper.tool.id}")[:64],
+            "InputSandbox": [pfn],
+            "OutputSandbox": list(staging.output_sandbox_patterns(transport)),
+            "StdOutput": staging.STDOUT,
+            "StdError": staging.STDERR,
+        }
+        if params.get("site"):
+            attrs["Site"] = _list(params["site"])
+        if params.get("banned_sites"):
+            attrs["BannedSites"] = _list(params["banned_sites"])
+        if params.get("tags"):
+            attrs["Tags"] = _list(params["tags"])
+        if params.get("platform"):
+            attrs["Platform"] = str(params["platform"])
+        if params.get("processors"):
+            attrs["NumberOfProcessors"] = int(params["processors"])
+        if params.get("memory"):
+            attrs["MaxRAM"] = int(params["memory"])
+        if params.get("cpu_time"):
+            attrs["CPUTime"] = int(params["cpu_time"])
+        if params.get("priority") not in (None, ""):
+            attrs["Priority"] = int(params["priority"])
+        container = params.get("container")
+        if container:
+            attrs.setdefault("Tags", []).append("singularity" if "://" in str(container) else "docker")
+            attrs["ExecutionEnvironment"] = [f"GALAXY_DIRAC_CONTAINER={container}"]
+        return jdl_mod.render(attrs)
+
+    def queue_job(self, job_wrapper: Any) -> None:
+        if not self.prepare_job(job_wrapper, include_metadata=False, include_work_dir_outputs=True):
+            return
+        destination = job_wrapper.job_destination
+        params = dict(destination.params or {})
+        transport = str(params.get("transport") or self.runner_params["transport"])
+        job_state = DiracJobState(job_wrapper, destination)
+        try:
+            exit_code_path = job_state.exit_code_file
+            script = self.get_job_file(job_wrapper, exit_code_path=exit_code_path, shell=job_wrapper.shell)
+            self.write_executable_script(job_state.job_file, script, job_io=job_wrapper.job_io)
+            spec = self._spec(job_wrapper, transport)
+            bundle = staging.build_bundle(spec)
+            pfn = self.client.upload_sandbox(bundle.archive)
+            job_name = f"{self.runner_params['job_name_prefix']}-{job_wrapper.job_id}-{uuid.uuid4().hex[:12]}"
+            text = self._jdl(job_wrapper, params, job_name, pfn, transport)
+            state = {"job_name": job_name, "spec": staging.spec_to_dict(spec), "dirac_id": None}
+            staging.save_state(spec.working_directory, state)
+            dirac_id = str(self.client.submit([text])[0]["JobID"])
+            state["dirac_id"] = dirac_id
+            staging.save_state(spec.working_directory, state)
+        except Exception as exc:
+            log.exception("(%s) DIRAC submission failed", job_wrapper.get_id_tag())
+            job_wrapper.fail(
+                f"Submission to the DIRAC scheduler failed: {exc}", exception=not isinstance(exc, WMSError)
+            )
+            return
+        log.info("(%s) submitted as DIRAC job %s (%s)", job_wrapper.get_id_tag(), dirac_id, transport)
+        job_wrapper.set_job_destination(destination, dirac_id)
+        job_wrapper.change_state(model.Job.states.QUEUED)
+        job_state.job_id = dirac_id
+        job_state.old_state = "Received"
+        self.monitor_queue.put(job_state)
+
+    # -- monitoring ---------------------------------------------------------------------------------------------------
+
+    def check_watched_items(self) -> None:
+        """One search for every watched job (in batches of status_batch_size), then act on each."""
+        if not self.watched:
+            return
+        ids = [int(js.job_id) for js in self.watched if js.job_id]
+        try:
+            rows = self.client.statuses(ids, STATUS_PARAMETERS, batch=self.runner_params["status_batch_size"])
+        except Exception as exc:  # scheduler unreachable: keep everything watched, try again next cycle
+            log.warning("DIRAC status query failed, will retry: %s", exc)
+            return
+        new_watched = []
+        for job_state in self.watched:
+            kept = self._check(job_state, rows.get(int(job_state.job_id)) if job_state.job_id else None)
+            if kept is not None:
+                new_watched.append(kept)
+        self.watched = new_watched
+
+    def _check(self, job_state: DiracJobState, row: Optional[Dict[str, Any]]) -> Optional[DiracJobState]:
+        galaxy_state = job_state.job_wrapper.get_state()
+        if galaxy_state in (model.Job.states.DELETED, model.Job.states.DELETING, model.Job.states.STOPPED):
+            log.debug("(%s) deleted in Galaxy; no longer watched", job_state.job_id)
+            return None
+        if galaxy_state in (model.Job.states.ERROR, model.Job.states.OK):
+            return None
+        if row is None:
+            job_state.missing_cycles += 1
+            if job_state.missing_cycles >= MAX_MISSING_CYCLES:
+                job_state.fail_message = f"DIRAC job {job_state.job_id} is unknown to the scheduler"
+                job_state.stop_job = False
+                self.mark_as_failed(job_state)
+                return None
+            return job_state
+        job_state.missing_cycles = 0
+        job_state.dirac_row = row
+        status = row.get("Status")
+        if status != job_state.old_state:
+            log.debug("(%s) DIRAC status %s / %s", job_state.job_id, status, row.get("MinorStatus"))
+        job_state.old_state = status
+        if status in RUNNING_STATES:
+            if not job_state.running:
+                job_state.running = True
+                job_state.job_wrapper.change_state(model.Job.states.RUNNING)
+            return job_state
+        if status in DONE_STATES:
+            self.mark_as_finished(job_state)
+            return None
+        if status == "Failed" and self._retry_transfer_failure(job_state, row):
+            return job_state
+        if status in FAILED_STATES:
+            detail = " / ".join(str(v) for v in (row.get("MinorStatus"), row.get("ApplicationStatus")) if v)
+            job_state.fail_message = f"DIRAC job {job_state.job_id} {status}: {detail}"
+            job_state.stop_job = False
+            self.mark_as_failed(job_state)
+            return None
+        return job_state  # queued states and anything unknown: wait
+
+    def _retry_transfer_failure(self, job_state: DiracJobState, row: Dict[str, Any]) -> bool:
+        """Data transfer to or from Galaxy failed (e.g. Galaxy was restarting): run the DIRAC job again.
+
+        DIRAC's own MaxRescheduling (3) bounds this; past it the job fails with that reason.
+        """
+        minor = str(row.get("MinorStatus") or "")
+        if not minor.startswith(TRANSFER_FAILURES):
+            return False
+        if int(row.get("RescheduleCounter") or 0) >= MAX_TRANSFER_RETRIES:
+            return False
+        try:
+            result = self.client.reschedule([int(str(job_state.job_id))])
+        except WMSError as exc:
+            log.warning("(%s) reschedule after %r failed: %s", job_state.job_id, minor, exc)
+            return False
+        if str(job_state.job_id) in (result.get("success") or {}):
+            log.info("(%s) %s; DIRAC job rescheduled", job_state.job_id, minor)
+            return True
+        return False
+
+    # -- finishing ----------------------------------------------------------------------------------------------------
+
+    def _fetch_results(self, job_state: DiracJobState, spec: staging.JobSpec) -> None:
+        work = spec.working_directory
+        if spec.transport == "galaxy":
+            pushed = os.path.join(work, staging.RESULTS_DIR + ".tar")
+            if os.path.isfile(pushed):
+                staging.restore_work(spec, pushed)
+                os.unlink(pushed)
+            return
+        results = os.path.join(work, staging.RESULTS_DIR)
+        shutil.rmtree(results, ignore_errors=True)
+        os.makedirs(results)
+        for n, blob in enumerate(self.client.download_output_sandboxes(int(str(job_state.job_id)))):
+            archive = os.path.join(work, f"{staging.RESULTS_DIR}-{n}.tar.bz2")
+            with open(archive, "wb") as stream:
+                stream.write(blob.getvalue())
+            safe_extract(archive, results)
+            os.unlink(archive)
+        staging.install_sandbox_outputs(spec, results)
+        shutil.rmtree(results, ignore_errors=True)
+
+    def _dirac_metrics(self, job_state: DiracJobState) -> None:
+        row = job_state.dirac_row or {}
+        job = job_state.job_wrapper.get_job()
+        try:
+            job.add_metric("dirac", "dirac_job_id", int(str(job_state.job_id)))
+            if row.get("Site"):
+                job.add_metric("dirac", "site", str(row["Site"]))
+            start, end = row.get("StartExecTime"), row.get("EndExecTime")
+            if start and end:
+                wall = (_parse_time(end) - _parse_time(start)).total_seconds()
+                job.add_metric("dirac", "wall_clock_seconds", max(0.0, wall))
+            if row.get("RescheduleCounter"):
+                job.add_metric("dirac", "reschedule_count", int(row["RescheduleCounter"]))
+            self.sa_session.add(job)
+            self.sa_session.commit()
+        except Exception:  # noqa: BLE001 - metrics are best effort
+            log.exception("(%s) could not record DIRAC metrics", job_state.job_id)
+
+    def finish_job(self, job_state: DiracJobState) -> None:
+        job_wrapper = job_state.job_wrapper
+        state = staging.load_state(job_wrapper.working_directory) or {}
+        try:
+            spec = staging.spec_from_dict(state["spec"])  # type: ignore[arg-type]
+            self._fetch_results(job_state, spec)
+        except Exception as exc:
+            log.exception("(%s) collecting DIRAC job results failed", job_state.job_id)
+            job_state.fail_message = f"Could not collect the results of DIRAC job {job_state.job_id}: {exc}"
+            job_state.stop_job = False
+            self.fail_job(job_state, exception=True)
+            return
+        self._dirac_metrics(job_state)
+        try:
+            self._handle_metadata_externally(job_wrapper, resolve_requirements=True)
+        except Exception:
+            log.exception("(%s) external metadata failed", job_state.job_id)
+        for path in (job_state.output_file, job_state.error_file):
+            if not os.path.exists(path):
+                open(path, "a").close()
+        super().finish_job(job_state)
+
+    def fail_job(self, job_state: Any, exception: bool = False, message: str = "Job failed", full_status: Any = None):
+        """Fail with the DIRAC status in the job's info and whatever stderr the node sent back."""
+        if full_status is None and getattr(job_state, "job_id", None):
+            stderr = self._node_stderr(job_state)
+            message_text = getattr(job_state, "fail_message", message)
+            full_status = {"stdout": "", "stderr": f"{message_text}\n{stderr}".strip()}
+        super().fail_job(job_state, exception=exception, message=message, full_status=full_status)
+
+    def _node_stderr(self, job_state: Any) -> str:
+        """The launcher's stderr from the output sandbox, when there is one (best effort)."""
+        try:
+            blobs = self.client.download_output_sandboxes(int(str(job_state.job_id)))
+        except Exception:  # noqa: BLE001
+            return ""
+        import tarfile
+
+        for blob in blobs:
+            try:
+                with tarfile.open(fileobj=blob, mode="r:*") as tf:
+                    member = tf.getmember(staging.STDERR)
+                    handle = tf.extractfile(member)
+                    if handle is not None:
+                        return handle.read()[-8000:].decode("utf-8", errors="replace")
+            except (KeyError, tarfile.TarError):
+                continue
+        return ""
+
+    # -- control ------------------------------------------------------------------------------------------------------
+
+    def stop_job(self, job_wrapper: Any) -> None:
+        job = job_wrapper.get_job()
+        external_id = job.job_runner_external_id
+        if not external_id:
+            return
+        try:
+            result = self.client.kill([int(external_id)], "Killed from Galaxy")
+            log.info("(%s/%s) kill sent: %s", job.id, external_id, result.get("failed") or "ok")
+        except Exception as exc:
+            log.warning("(%s/%s) could not kill DIRAC job: %s", job.id, external_id, exc)
+
+    def recover(self, job: Any, job_wrapper: Any) -> None:
+        """Re-attach a job after a restart; find a job submitted just before the restart by its unique JobName."""
+        external_id = job.get_job_runner_external_id()
+        if not external_id:
+            state = staging.load_state(job_wrapper.working_directory) or {}
+            if state.get("dirac_id"):
+                external_id = str(state["dirac_id"])
+            elif state.get("job_name"):
+                try:
+                    rows = self.client.search(
+                        [{"parameter": "JobName", "operator": "eq", "value": state["job_name"]}], ["JobID"]
+                    )
+                except WMSError as exc:
+                    log.warning("(%s) recovery search failed: %s", job.id, exc)
+                    rows = []
+                if rows:
+                    external_id = str(rows[0]["JobID"])
+            if external_id:
+                job_wrapper.set_job_destination(job_wrapper.job_destination, external_id)
+        if not external_id:
+            log.info("(%s) never reached the scheduler; submitting it now", job.id)
+            self.work_queue.put((self.queue_job, job_wrapper))
+            return
+        job_state = DiracJobState(job_wrapper, job_wrapper.job_destination, external_id)
+        job_wrapper.command_line = job.get_command_line()
+        galaxy_state = job.get_state()
+        job_state.running = galaxy_state == model.Job.states.RUNNING
+        job_state.old_state = "Running" if job_state.running else "Received"
+        log.info("(%s/%s) recovered in state %s", job.id, external_id, galaxy_state)
+        self.monitor_queue.put(job_state)
+
+
+def _parse_time(value: Any) -> dt.datetime:
+    text = str(value).replace("Z", "+00:00")
+    parsed = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed
