@@ -10,7 +10,7 @@ import pytest
 from galaxy_dirac.wms import jobs, matcher, taskqueues
 from galaxy_dirac.wms.matcher import Slot
 
-from .helpers import BOB, make_db, make_settings, row, submit
+from .helpers import ADMIN, BOB, make_db, make_settings, row, submit
 
 
 @pytest.fixture
@@ -64,8 +64,11 @@ RULES = [
     ({"Platform": "el9"}, Slot(site="S", platforms=["el8"]), False),
     ({"Platform": "el9"}, Slot(site="S", platforms=["el8", "el9"]), True),
     ({"Platform": "el9"}, Slot(site="S"), False),
-    ({"Site": "S", "Tags": ["GPU"], "NumberOfProcessors": 2, "MinRAM": 1000},
-     Slot(site="S", tags=["GPU"], processors=2, max_ram=1000), True),
+    (
+        {"Site": "S", "Tags": ["GPU"], "NumberOfProcessors": 2, "MinRAM": 1000},
+        Slot(site="S", tags=["GPU"], processors=2, max_ram=1000),
+        True,
+    ),
 ]
 
 
@@ -145,3 +148,18 @@ def test_owner_groups_restrict_a_slot(env) -> None:
     assert matcher.match(engine, Slot(site="S", owner_groups=["other_group"])) is None
     assert matcher.match(engine, Slot(site="S", owner_groups=["galaxy_user"])) == job_id
     assert jobs.search(engine, BOB)[1] == 1
+
+
+def test_rescheduled_job_can_return_to_the_same_pilot(env) -> None:
+    """A job rescheduled and matched again by the pilot that had it must not trip over its old mapping row."""
+    from galaxy_dirac.wms import pilots
+
+    engine, settings = env
+    (job_id,) = submit(engine, settings)
+    pilot_id = pilots.register(engine, "stamp-again", {"site": "S"}, "galaxy")
+    slot = Slot(site="S", pilot_stamp="stamp-again")
+    assert matcher.match(engine, slot, pilot_id=pilot_id) == job_id
+    assert jobs.reschedule(engine, [job_id], ADMIN, settings)["success"]
+    assert matcher.match(engine, slot, pilot_id=pilot_id) == job_id
+    assert row(engine, job_id).RescheduleCounter == 1
+    assert pilots.jobs_of_pilot(engine, pilot_id) == [job_id]
