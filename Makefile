@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SIDE_VENVS ?= $(shell $(PYTHON) -c "import sys; sys.path.insert(0, '.'); from tests.sidevenvs import KNOWN; print(' '.join(sorted(KNOWN)))")
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv services lint bench clean
+.PHONY: demo wms-demo test venv services lint bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ services:
 	@bash scripts/ensure-services.sh
 
 demo: venv
-	$(PY) scripts/demo.py
+	$(PY) scripts/galaxy_demo.py
+
+# The scheduler and pilots alone (no Galaxy): a multi-step job chain whose data moves through sandboxes.
+wms-demo: venv
+	$(PY) scripts/wms_demo.py
 
 test: venv services
 	$(PY) -m tests.sidevenvs $(SIDE_VENVS)

@@ -49,38 +49,14 @@ class GalaxyServer:
         data = self.home / "data"
         for sub in ("files", "jobs", "tmp", "config", "tool-data", "cache"):
             (data / sub).mkdir(parents=True, exist_ok=True)
-        config = f"""gravity:
-  galaxy_root: {data}
-galaxy:
-  data_dir: {data}
-  managed_config_dir: {data / "config"}
-  database_connection: "sqlite:///{data / "universe.sqlite"}?isolation_level=IMMEDIATE"
-  database_auto_migrate: true
-  file_path: {data / "files"}
-  new_file_path: {data / "tmp"}
-  job_working_directory: {data / "jobs"}
-  tool_data_path: {data / "tool-data"}
-  cache_dir: {data / "cache"}
-  tool_config_file: {EXAMPLES / "tools" / "tool_conf.xml"}
-  job_config_file: {EXAMPLES / "job_conf.yml"}
-  tool_sheds_config_file: {data / "config" / "tool_sheds_conf.xml"}
-  conda_auto_init: false
-  conda_auto_install: false
-  dependency_resolvers: []
-  id_secret: galaxy-dirac-tests-id-secret
-  admin_users: admin@galaxy-dirac.test
-  bootstrap_admin_api_key: {ADMIN_KEY}
-  galaxy_infrastructure_url: {self.url}
-  job_runner_monitor_sleep: 0.5
-  cleanup_job: never
-  check_job_script_integrity: false
-  metadata_strategy: directory
-  enable_celery_tasks: false
-  watch_tools: false
-  allow_path_paste: false
-  enable_tool_document_cache: false
-  track_jobs_in_database: true
-"""
+        # The same galaxy.yml an admin starts from (examples/), with this server's paths and URL filled in.
+        config = (EXAMPLES / "galaxy.yml").read_text().format(
+            data_dir=data,
+            examples=EXAMPLES,
+            url=self.url,
+            admin_key=ADMIN_KEY,
+            id_secret="galaxy-dirac-tests-id-secret",
+        )
         (data / "config" / "tool_sheds_conf.xml").write_text("<tool_sheds></tool_sheds>\n")
         self.config_path = self.home / "galaxy.yml"
         self.config_path.write_text(config)

@@ -26,7 +26,7 @@ from galaxy_dirac.archive import create_archive
 from galaxy_dirac.client import WMSClient
 
 ROOT = Path(__file__).resolve().parents[1]
-VAR = ROOT / "var" / "demo"
+VAR = ROOT / "var" / "wms-demo"
 SITE = "Local.demo"
 PILOTS = 2
 TEXT = """\
