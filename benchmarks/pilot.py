@@ -27,6 +27,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from table import print_rows  # noqa: E402
+
 from galaxy_dirac.pilot.build import build_zipapp  # noqa: E402
 from tests.conftest import WMSServer  # noqa: E402
 
@@ -146,10 +148,7 @@ def main() -> int:
     rows: list[tuple[str, str, str]] = []
     run("long poll (default)", [], args, rows)
     run("baseline: polling", ["--match-wait", "0"], args, rows)
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    print()
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, width)))
+    print_rows(rows)
     return 0
 
 

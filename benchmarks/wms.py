@@ -25,6 +25,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from table import print_rows  # noqa: E402
+
 from tests.conftest import WMSServer, fresh_database  # noqa: E402
 
 SITE = "LCG.Bench.org"
@@ -76,8 +78,9 @@ def match_rate(server: WMSServer, admin: requests.Session, pilots: int, matches:
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
     per_pilot = matches // pilots
-    procs = [ctx.Process(target=_pilot, args=(server.url, token, f"bench-{i}", per_pilot, start, out))
-             for i in range(pilots)]
+    procs = [
+        ctx.Process(target=_pilot, args=(server.url, token, f"bench-{i}", per_pilot, start, out)) for i in range(pilots)
+    ]
     for proc in procs:
         proc.start()
     time.sleep(1.0)  # let every client import and connect before the race starts
@@ -123,8 +126,10 @@ def run_embedded(label: str, db: str | None, args: argparse.Namespace, rows: lis
             session.headers["Authorization"] = f"Bearer {server.token('runner', 'bench', 'bench_user')}"
             rate1 = submit_rate(session, server.url, 1, args.single_requests)
             rate20 = submit_rate(session, server.url, 20, args.single_requests // 4)
-            rows += [(label, "submit, 1 JDL/request", f"{rate1:,.0f} jobs/s"),
-                     (label, "submit, 20 JDLs/request", f"{rate20:,.0f} jobs/s")]
+            rows += [
+                (label, "submit, 1 JDL/request", f"{rate1:,.0f} jobs/s"),
+                (label, "submit, 20 JDLs/request", f"{rate20:,.0f} jobs/s"),
+            ]
             # Start the match test from a clean queue: kill what the submit test left waiting.
             t0 = time.perf_counter()
             ids: list[int] = []
@@ -135,12 +140,20 @@ def run_embedded(label: str, db: str | None, args: argparse.Namespace, rows: lis
                 ids += [job["JobID"] for job in response.json()]
             fill = time.perf_counter() - t0
             rows.append((label, f"fill {args.jobs:,} jobs, 1000 JDLs/request", f"{args.jobs / fill:,.0f} jobs/s"))
-            demand = session.get(f"{server.url}/api/x-embedded/taskqueues/demand",
-                                 headers={"Authorization": f"Bearer {server.token('admin')}"}, timeout=60).json()
+            demand = session.get(
+                f"{server.url}/api/x-embedded/taskqueues/demand",
+                headers={"Authorization": f"Bearer {server.token('admin')}"},
+                timeout=60,
+            ).json()
             rows.append((label, "task queues", f"{len(demand):,}"))
             rate, n, once = match_rate(server, session, args.pilots, args.matches)
-            rows.append((label, f"match, {args.pilots} pilot processes ({n:,} matches)",
-                         f"{rate:,.0f} matches/s, exactly-once: {'yes' if once else 'NO'}"))
+            rows.append(
+                (
+                    label,
+                    f"match, {args.pilots} pilot processes ({n:,} matches)",
+                    f"{rate:,.0f} matches/s, exactly-once: {'yes' if once else 'NO'}",
+                )
+            )
             ms = status_time(session, server.url, ids[-10000:])
             rows.append((label, "bulk status of 10,000 jobs (one search)", f"{ms:.1f} ms"))
             return rate1
@@ -161,8 +174,10 @@ def run_diracx(args: argparse.Namespace, rows: list[tuple[str, str, str]]) -> fl
             session.headers["Authorization"] = f"Bearer {server.token}"
             rate1 = submit_rate(session, server.url, 1, args.single_requests)
             rate20 = submit_rate(session, server.url, 20, args.single_requests // 4)
-            rows += [("DiracX 0.7", "submit, 1 JDL/request", f"{rate1:,.0f} jobs/s"),
-                     ("DiracX 0.7", "submit, 20 JDLs/request", f"{rate20:,.0f} jobs/s")]
+            rows += [
+                ("DiracX 0.7", "submit, 1 JDL/request", f"{rate1:,.0f} jobs/s"),
+                ("DiracX 0.7", "submit, 20 JDLs/request", f"{rate20:,.0f} jobs/s"),
+            ]
             return rate1
     except Exception as exc:  # noqa: BLE001 - a DiracX that cannot start is reported, not fatal
         rows.append(("DiracX 0.7", "submit", f"skipped: {exc}"))
@@ -193,10 +208,7 @@ def main() -> int:
     theirs = None if args.no_diracx else run_diracx(args, rows)
     if theirs:
         rows.append(("ratio", "submit 1 JDL/request, embedded SQLite / DiracX", f"{ours / theirs:.1f}x (target ≥4x)"))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    print()
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, width)))
+    print_rows(rows)
     return 0
 
 

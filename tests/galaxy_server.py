@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import requests
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process_group
 from tests.sidevenvs import GALAXY_REQUIREMENTS, ensure_venv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,12 +50,16 @@ class GalaxyServer:
         for sub in ("files", "jobs", "tmp", "config", "tool-data", "cache"):
             (data / sub).mkdir(parents=True, exist_ok=True)
         # The same galaxy.yml an admin starts from (examples/), with this server's paths and URL filled in.
-        config = (EXAMPLES / "galaxy.yml").read_text().format(
-            data_dir=data,
-            examples=EXAMPLES,
-            url=self.url,
-            admin_key=ADMIN_KEY,
-            id_secret="galaxy-dirac-tests-id-secret",
+        config = (
+            (EXAMPLES / "galaxy.yml")
+            .read_text()
+            .format(
+                data_dir=data,
+                examples=EXAMPLES,
+                url=self.url,
+                admin_key=ADMIN_KEY,
+                id_secret="galaxy-dirac-tests-id-secret",
+            )
         )
         (data / "config" / "tool_sheds_conf.xml").write_text("<tool_sheds></tool_sheds>\n")
         self.config_path = self.home / "galaxy.yml"
@@ -104,13 +108,7 @@ class GalaxyServer:
             return ""
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process, timeout=30)
         if self.process:
             self._log.close()
         self.process = None

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 import requests
@@ -14,18 +13,7 @@ import yaml
 
 from galaxy_dirac.wms.auth import create_token
 from galaxy_dirac.wms.config import Settings
-from tests.conftest import WMSServer
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+from tests.conftest import WMSServer, wait_for  # noqa: F401 - re-exported to the tests here
 
 
 def jdl(site: str, **attributes: Any) -> str:
