@@ -283,5 +283,15 @@ class WMSClient:
             return response.content
         raise WMSError(f"sandbox download failed: {last}")
 
+    def consumption(self, job_id: int) -> Dict[str, float]:
+        """What the job consumed per its heartbeats (CPUConsumed, MaxMemoryUsed, WallClockTime...).
+
+        Only the embedded scheduler has this route; a real DiracX answers 404 and the result is empty.
+        """
+        response = self.request("GET", f"api/x-embedded/jobs/{int(job_id)}", expect=(200, 404))
+        if response.status_code == 404:
+            return {}
+        return dict(response.json().get("HeartBeat") or {})
+
     def download_output_sandboxes(self, job_id: int) -> List[io.BytesIO]:
         return [io.BytesIO(self.download_sandbox(pfn)) for pfn in self.sandbox_pfns(job_id, "output")]

@@ -322,6 +322,11 @@ class DiracJobRunner(AsynchronousJobRunner):
                 job.add_metric("dirac", "wall_clock_seconds", max(0.0, wall))
             if row.get("RescheduleCounter"):
                 job.add_metric("dirac", "reschedule_count", int(row["RescheduleCounter"]))
+            used = self.client.consumption(int(str(job_state.job_id)))
+            if "CPUConsumed" in used:
+                job.add_metric("dirac", "cpu_seconds", float(used["CPUConsumed"]))
+            if "MaxMemoryUsed" in used:
+                job.add_metric("dirac", "max_memory_mb", float(used["MaxMemoryUsed"]))
             self.sa_session.add(job)
             self.sa_session.commit()
         except Exception:  # noqa: BLE001 - metrics are best effort

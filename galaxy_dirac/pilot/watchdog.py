@@ -323,6 +323,20 @@ class Watchdog:
             else:
                 log.warning("job %d: ignoring unknown command %r", self.job_id, command.get("command"))
 
+    def final_beat(self) -> None:
+        """One last heartbeat once the payload has ended, with its totals (peak memory, CPU seen, wall clock):
+        even a job shorter than the heartbeat interval leaves its figures with the scheduler, for accounting and
+        for the runner's job metrics. Commands in the answer are moot now."""
+        if self.client is None or self.reason is not None:
+            return
+        body = self.heartbeat_body()
+        body["MemoryUsed"] = round(self.max_rss_mb, 1)
+        try:
+            self.client.call("PATCH", "api/jobs/heartbeat", {str(self.job_id): body})
+            self.heartbeats += 1
+        except Exception as exc:
+            log.warning("job %d: final heartbeat failed: %s", self.job_id, exc)
+
     def _beat(self) -> None:
         next_beat = time.monotonic()
         while not self.finished.is_set():

@@ -404,6 +404,7 @@ class JobWrapper:
         reason = self.watchdog.reason
         if reason is not None and reason not in ("Kill", "abort", wd.LOST):
             return exit_code, (reason, self.watchdog.detail)
+        self.watchdog.final_beat()
         return exit_code, None
 
     def _queue_output_sandbox(self) -> Optional[Tuple[str, str]]:

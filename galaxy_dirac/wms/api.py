@@ -615,6 +615,7 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
                 "History": jobs.history(engine, job_id),
                 "Parameters": jobs.parameters(engine, job_id),
                 "Pilots": pilots.stamps_of_job(engine, job_id),
+                "HeartBeat": jobs.heartbeat_summary(engine, job_id),
             }
         )
 

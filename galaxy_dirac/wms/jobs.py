@@ -818,6 +818,27 @@ def history(engine: Engine, job_id: int) -> list[dict[str, Any]]:
         ]
 
 
+def heartbeat_summary(engine: Engine, job_id: int) -> dict[str, float]:
+    """The latest value of each heartbeat figure, plus the peak memory: what a job consumed, for its owner."""
+    latest: dict[str, float] = {}
+    peak = 0.0
+    with read_transaction(engine) as conn:
+        for name, value in conn.execute(
+            select(HeartBeatLoggingInfo.Name, HeartBeatLoggingInfo.Value)
+            .where(HeartBeatLoggingInfo.JobID == job_id)
+            .order_by(HeartBeatLoggingInfo.ID)
+        ):
+            try:
+                latest[name] = float(value)
+            except ValueError:
+                continue
+            if name == "MemoryUsed":
+                peak = max(peak, latest[name])
+    if "MemoryUsed" in latest:
+        latest["MaxMemoryUsed"] = peak
+    return latest
+
+
 def parameters(engine: Engine, job_id: int) -> dict[str, str]:
     with read_transaction(engine) as conn:
         return dict(

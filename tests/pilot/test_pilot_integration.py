@@ -370,6 +370,9 @@ def test_job_runs_to_done_with_sandboxes_and_staging(wms, pyz, site, tmp_path, c
     row = wms.pilot_row(pilot.stamp)
     assert row["Status"] == "Done" and row["MatchedJobs"] == 1, row
     assert not (tmp_path / "pilot" / f"job-{job_id}").exists()
+    # The job's consumption (from its heartbeats) is kept for its owner.
+    used = wms.job(job_id)["HeartBeat"]
+    assert {"CPUConsumed", "MaxMemoryUsed", "WallClockTime"} <= set(used), used
 
 
 def test_kill_reaches_the_payload_within_one_heartbeat(wms, pyz, site, tmp_path, cleanup):

@@ -159,3 +159,27 @@ def test_refused_heartbeat_means_the_job_was_lost(file_server, tmp_path):
     client = Client(file_server.url, "old-token", backoff=Backoff(0.01, 0.02))
     watchdog = run_watchdog(process, tmp_path, client=client, interval=0.5)
     assert watchdog.reason == wd.LOST and "rescheduled" in watchdog.detail
+
+
+def test_final_heartbeat_reports_the_payloads_totals(file_server, tmp_path):
+    """After the payload ends, one more heartbeat carries its peak memory, CPU and wall clock."""
+    beats = []
+
+    def app(request):
+        beats.append(json.loads(request.body)["5"])
+        return json_reply([])
+
+    file_server.app = app
+    burn = (
+        "import time; b = b'x' * (60 * 1024 * 1024); t = time.time()\n"
+        "while time.time() - t < 1.5: pass"
+    )
+    process = spawn(sys.executable, "-c", burn)
+    client = Client(file_server.url, "job-token", backoff=Backoff(0.01, 0.02))
+    watchdog = run_watchdog(process, tmp_path, client=client, interval=30.0, sample_period=0.2)
+    before = len(beats)
+    watchdog.final_beat()
+    assert len(beats) == before + 1
+    final = beats[-1]
+    assert final["MemoryUsed"] > 50, final  # the peak, not the (gone) process's last sample
+    assert final["CPUConsumed"] > 0.5 and final["WallClockTime"] >= 1.4, final

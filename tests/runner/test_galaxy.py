@@ -149,6 +149,8 @@ def test_single_tool_galaxy_transport(stack: Dict[str, Any]) -> None:
     assert ("core", "galaxy_slots") in metrics
     assert ("dirac", "site") in metrics and metrics[("dirac", "site")]["raw_value"] == "Local.test"
     assert ("dirac", "dirac_job_id") in metrics
+    # CPU and peak memory from the job's heartbeats (the wrapper sends a final one when the payload ends).
+    assert ("dirac", "cpu_seconds") in metrics and ("dirac", "max_memory_mb") in metrics, metrics
     dirac_id = int(float(metrics[("dirac", "dirac_job_id")]["raw_value"]))
     assert job["external_id"] == str(dirac_id)
 

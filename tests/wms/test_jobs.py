@@ -162,6 +162,18 @@ def test_heartbeat_records_data_and_revives_stalled(env) -> None:
     assert jobs.parameters(engine, job_id)["StandardOutput"] == "line 1\nline 2"
 
 
+def test_heartbeat_summary_keeps_latest_values_and_peak_memory(env) -> None:
+    engine, settings = env
+    (job_id,) = submit(engine, settings)
+    _match(engine)
+    wrapper = job_token(job_id)
+    for cpu, memory in ((1.0, 300.0), (2.5, 900.0), (4.0, 200.0)):
+        jobs.heartbeat(engine, {job_id: {"CPUConsumed": cpu, "MemoryUsed": memory, "WallClockTime": cpu * 2}}, wrapper)
+    summary = jobs.heartbeat_summary(engine, job_id)
+    assert summary["CPUConsumed"] == 4.0 and summary["WallClockTime"] == 8.0
+    assert summary["MemoryUsed"] == 200.0 and summary["MaxMemoryUsed"] == 900.0
+
+
 def test_reschedule_counts_and_fails_past_the_maximum(env) -> None:
     engine, settings = env
     (job_id,) = submit(engine, settings)
