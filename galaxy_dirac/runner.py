@@ -164,7 +164,8 @@ class DiracJobRunner(AsynchronousJobRunner):
         if params.get("processors"):
             attrs["NumberOfProcessors"] = int(params["processors"])
         if params.get("memory"):
-            attrs["MaxRAM"] = int(params["memory"])
+            # The slot must have it (MinRAM: matching) and the job must stay within it (MaxRAM: the watchdog).
+            attrs["MinRAM"] = attrs["MaxRAM"] = int(params["memory"])
         if params.get("cpu_time"):
             attrs["CPUTime"] = int(params["cpu_time"])
         if params.get("priority") not in (None, ""):
