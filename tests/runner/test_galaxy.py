@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 
-from tests.conftest import WMSServer
+from tests.conftest import WMSServer, wait_for
 from tests.galaxy_server import ADMIN_KEY, GalaxyServer
 
 pytestmark = pytest.mark.galaxy
@@ -250,8 +250,13 @@ def test_restart_recovers_queued_and_running_jobs(stack: Dict[str, Any]) -> None
     ]
     # The pilot has 2 processors: two jobs run, the third stays queued in DIRAC.
     galaxy.wait_job(job_ids[0], states=("running",), timeout=120)
-    states = [galaxy.job(j, full=False)["state"] for j in job_ids]
-    assert "running" in states and "queued" in states, states
+
+    def running_and_queued() -> List[str]:
+        # Galaxy's handler dispatches the three jobs one by one: wait until none is still "new".
+        states = [galaxy.job(j, full=False)["state"] for j in job_ids]
+        return states if "running" in states and "queued" in states and "new" not in states else []
+
+    wait_for(running_and_queued, 60, "two jobs running and one queued")
     galaxy.kill_hard()
     time.sleep(2)
     galaxy.start()
