@@ -186,6 +186,18 @@ class GalaxyServer:
             time.sleep(0.3)
         raise AssertionError(f"dataset {dataset_id} not ready after {timeout} s\n{self.log_tail()}")
 
+    def wait_invocation_output(self, invocation_id: str, name: str, timeout: float) -> Dict[str, Any]:
+        """The workflow output ``name`` once its dataset is final (ok or error); fails with the invocation's state."""
+        deadline = time.monotonic() + timeout
+        state: Dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            state = self.api("GET", f"invocations/{invocation_id}")
+            output = (state.get("outputs") or {}).get(name)
+            if output and self.api("GET", f"datasets/{output['id']}")["state"] in ("ok", "error"):
+                return output
+            time.sleep(1)
+        raise AssertionError(f"workflow output {name!r} not ready in {timeout} s: {state}\n{self.log_tail()}")
+
     def content(self, dataset_id: str) -> str:
         response = self.session.get(f"{self.url}/api/datasets/{dataset_id}/display", params={"preview": "false"})
         response.raise_for_status()

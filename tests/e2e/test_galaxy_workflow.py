@@ -142,15 +142,7 @@ def test_pilot_killed_and_galaxy_restarted_during_the_workflow(tmp_path: Path) -
             os.kill(pid, signal.SIGKILL)
         galaxy.stop()
         galaxy.start()
-        deadline = time.monotonic() + 600
-        merged = None
-        while time.monotonic() < deadline:
-            state = galaxy.api("GET", f"invocations/{invocation['id']}")
-            merged = (state.get("outputs") or {}).get("merged")
-            if merged and galaxy.api("GET", f"datasets/{merged['id']}")["state"] in ("ok", "error"):
-                break
-            time.sleep(1)
-        assert merged, f"the workflow did not finish: {state}\n{galaxy.log_tail()}"
+        merged = galaxy.wait_invocation_output(invocation["id"], "merged", timeout=600)
         lines = galaxy.content(merged["id"]).splitlines()
         assert sorted(int(line.split()[-1]) for line in lines) == [1, 2, 3]
         galaxy_jobs = galaxy.api("GET", "jobs", params={"invocation_id": invocation["id"], "view": "collection"})

@@ -224,15 +224,7 @@ def test_workflow_with_collection(stack: Dict[str, Any]) -> None:
         f"workflows/{workflow['id']}/invocations",
         json={"history_id": history, "inputs": {"text": {"src": "hda", "id": data}}, "inputs_by": "name"},
     )
-    deadline = time.monotonic() + 240
-    merged = None
-    while time.monotonic() < deadline:
-        state = galaxy.api("GET", f"invocations/{invocation['id']}")
-        merged = (state.get("outputs") or {}).get("merged")
-        if merged and galaxy.api("GET", f"datasets/{merged['id']}")["state"] in ("ok", "error"):
-            break
-        time.sleep(1)
-    assert merged, f"workflow produced no output: {state}\n{galaxy.log_tail()}"
+    merged = galaxy.wait_invocation_output(invocation["id"], "merged", timeout=240)
     assert galaxy.wait_dataset(merged["id"])["state"] == "ok"
     assert galaxy.content(merged["id"]) == "l1\nl2\nl3\n"
     jobs = galaxy.api("GET", f"invocations/{invocation['id']}/jobs_summary")
