@@ -1,53 +1,77 @@
-"""The job's view from the worker node: path rewriting, the job bundle (input sandbox) and the staging manifest.
+"""The job's view from the worker node: path rewriting, the job bundle (input sandbox) and its payload config.
 
 No shared file system: every Galaxy path the job script uses (job working directory, input and output datasets and
 their extra files, tool directory) is rewritten to a path inside the job's directory on the node. The node directory
-is only known when the job runs (``<pilot workdir>/job-<DIRAC id>``), so Galaxy-side we write a placeholder
-(:data:`PLACEHOLDER`) and the launcher replaces it with ``$PWD`` before running the Galaxy job script.
+is only known when the job runs, so Galaxy-side we write a placeholder (:data:`PLACEHOLDER`) and the payload
+(:mod:`galaxy_dirac.payload`, shipped in the bundle) replaces it before running the Galaxy job script.
 
 Layout on the node (relative to the job directory)::
 
-    galaxy_dirac_launch.sh        the DIRAC Executable
-    galaxy_dirac_manifest.json    what the job wrapper pulls/pushes (transport ``galaxy``)
+    galaxy_dirac_launch.sh        the DIRAC Executable: runs galaxy_dirac_payload.pyz
+    galaxy_dirac_payload.pyz      the payload (stdlib zipapp); galaxy_dirac_payload.json says what to do
     work/                         Galaxy's job working directory (job script, tool script, configs, outputs/…)
-    inputs/<name>                 input datasets; inputs/<name>_files/… their extra files
+    inputs/<name>                 input datasets, each once however often the job names it; <name>_files/… extras
     outputs/<name>                output datasets
-    tool/                         the tool directory (when small)
+    tool/                         the tool directory, or the files of it the job refers to
     galaxy_dirac_work.tar         after the run: every file created or changed under work/ (tool_stdout/stderr,
                                   exit code, job metrics, from_work_dir and discovered outputs, extra files, …)
+    galaxy_dirac_results.tar      transport sandbox: outputs/… and galaxy_dirac_work.tar, relative names
 
-Transports: ``galaxy`` — inputs are pulled from and outputs pushed to Galaxy's job files API by the job wrapper;
-``sandbox`` — inputs travel in the input sandbox, outputs in the output sandbox, fetched by the runner at Done.
+A transport is a small strategy object (:data:`TRANSPORTS`): ``galaxy`` has the payload pull inputs from and push
+outputs to Galaxy's job files API; ``sandbox`` ships inputs in the input sandbox and outputs in the output sandbox.
 This module does not import Galaxy; the runner fills a :class:`JobSpec` from the job wrapper.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from galaxy_dirac.archive import create_archive, safe_extract
+from galaxy_dirac.payload import CONFIG, LAUNCHER, PLACEHOLDER, RESULTS, STDERR, STDOUT, WORK_TAR, ZIPAPP
+from galaxy_dirac.pilot.build import payload_sources, zipapp_bytes
 
-PLACEHOLDER = "@@GALAXY_DIRAC_JOB_DIR@@"
-LAUNCHER = "galaxy_dirac_launch.sh"
-MANIFEST = "galaxy_dirac_manifest.json"
-WORK_TAR = "galaxy_dirac_work.tar"
-STDOUT = "galaxy_dirac.out"
-STDERR = "galaxy_dirac.err"
+__all__ = [
+    "CONFIG",
+    "LAUNCHER",
+    "PLACEHOLDER",
+    "RESULTS",
+    "STDERR",
+    "STDOUT",
+    "TRANSPORTS",
+    "WORK_TAR",
+    "Bundle",
+    "JobSpec",
+    "LimitError",
+    "PathMapper",
+    "build_bundle",
+    "install_results",
+    "launcher_script",
+    "load_state",
+    "save_state",
+]
+
 BUNDLE_DIR = "__galaxy_dirac_bundle"
 BUNDLE_ARCHIVE = "galaxy_dirac_bundle.tar.bz2"
 RESULTS_DIR = "__galaxy_dirac_results"
 STATE_FILE = "galaxy_dirac_state.json"
-TRANSPORTS = ("galaxy", "sandbox")
+REWRITE_LIST = "galaxy_dirac_rewrite.list"
 
 #: Text files larger than this are bundled verbatim (not rewritten); tool directories larger than the cap are not sent.
 MAX_REWRITE_BYTES = 4 << 20
 MAX_TOOL_DIR_BYTES = 16 << 20
+#: A tool directory this small (bytes, files) travels whole; a bigger one only with the files the job refers to.
+SMALL_TOOL_DIR = (1 << 20, 64)
+
+
+class LimitError(ValueError):
+    """The job cannot fit the target's limits (sandbox size); the message names the limit and what to do."""
 
 
 @dataclass
@@ -65,10 +89,20 @@ class JobSpec:
     galaxy_url: Optional[str] = None  # Galaxy as seen from the worker nodes (transport galaxy)
     encoded_job_id: Optional[str] = None
     job_key: Optional[str] = None
+    exit_code_file: Optional[str] = None  # absolute path of the job script's exit code file
+    processors: Optional[int] = None  # what the destination asked for; the slot's own figure wins on the node
+    memory_mb: Optional[int] = None
+    max_input_bytes: Optional[int] = None  # the target's input and output sandbox limits
+    max_output_bytes: Optional[int] = None
+
+
+def _unique_paths(paths: Iterable[str]) -> List[str]:
+    """Absolute paths, each once, in first-seen order: Galaxy names a dataset once per use (repeats, multiple)."""
+    return list(dict.fromkeys(os.path.abspath(p) for p in paths))
 
 
 class PathMapper:
-    """Galaxy path → path relative to the node's job directory; longest prefix wins."""
+    """Galaxy path → path relative to the node's job directory; longest prefix wins, each Galaxy path one name."""
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
@@ -76,13 +110,13 @@ class PathMapper:
         self.dirs: Dict[str, str] = {}  # directory prefixes
         self.dirs[os.path.abspath(spec.working_directory)] = "work"
         names: Dict[str, int] = {}
-        for path in spec.inputs:
-            self.files[os.path.abspath(path)] = "inputs/" + self._unique(os.path.basename(path), names)
-        for path in spec.input_extra_dirs:
-            self.dirs[os.path.abspath(path)] = "inputs/" + self._unique(os.path.basename(path.rstrip("/")), names)
+        for path in _unique_paths(spec.inputs):
+            self.files[path] = "inputs/" + self._unique(os.path.basename(path), names)
+        for path in _unique_paths(spec.input_extra_dirs):
+            self.dirs[path] = "inputs/" + self._unique(os.path.basename(path.rstrip("/")), names)
         out_names: Dict[str, int] = {}
-        for path in spec.outputs:
-            self.files[os.path.abspath(path)] = "outputs/" + self._unique(os.path.basename(path), out_names)
+        for path in _unique_paths(spec.outputs):
+            self.files[path] = "outputs/" + self._unique(os.path.basename(path), out_names)
         if spec.tool_dir and os.path.isdir(spec.tool_dir) and _tree_size(spec.tool_dir) <= MAX_TOOL_DIR_BYTES:
             self.dirs[os.path.abspath(spec.tool_dir)] = "tool"
 
@@ -113,6 +147,11 @@ class PathMapper:
         return text
 
 
+def _boundary(text: str, end: int) -> bool:
+    after = text[end : end + 1]
+    return not (after and (after.isalnum() or after in "_-."))
+
+
 def _replace_path(text: str, path: str, replacement: str) -> str:
     out: List[str] = []
     start = 0
@@ -122,12 +161,11 @@ def _replace_path(text: str, path: str, replacement: str) -> str:
             out.append(text[start:])
             return "".join(out)
         end = found + len(path)
-        after = text[end : end + 1]
-        if after and (after.isalnum() or after in "_-."):
-            out.append(text[start:end])
-        else:
+        if _boundary(text, end):
             out.append(text[start:found])
             out.append(replacement)
+        else:
+            out.append(text[start:end])
         start = end
 
 
@@ -142,42 +180,63 @@ def _tree_size(root: str) -> int:
     return total
 
 
-def launcher_script(job_script_rel: str) -> str:
-    """The DIRAC Executable: rewrite the placeholder, run the Galaxy job script, pack what it produced.
+def _mentions(texts: Sequence[str], path: str, *, itself: bool = False) -> bool:
+    """Whether a text names ``path`` (at a path boundary); with ``itself``, only where nothing below it follows."""
+    for text in texts:
+        start = 0
+        while True:
+            found = text.find(path, start)
+            if found < 0:
+                break
+            end = found + len(path)
+            if _boundary(text, end) and not (itself and text[end : end + 1] == "/"):
+                return True
+            start = end
+    return False
 
-    It exits 0 whenever the Galaxy job script ran to the point of writing its exit code, so a tool failure is judged
-    by Galaxy (exit code, stderr, stdio rules) and a DIRAC ``Failed`` means an infrastructure problem.
+
+def tool_files(tool_dir: str, texts: Sequence[str]) -> Optional[List[str]]:
+    """Which files of the tool directory the job needs (relative), or None for all of it.
+
+    Tools often share one directory with hundreds of others; a job needs only what its command and config files
+    name (``$__tool_directory__/script.py``, or a subdirectory). A small directory, or one the job names itself (a
+    ``cd`` into it, a ``PATH`` entry), travels whole.
     """
+    base = os.path.abspath(tool_dir)
+    count, size, entries = 0, 0, []
+    for folder, dirs, files in os.walk(base):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            count += 1
+            size += os.path.getsize(path)
+            entries.append(path)
+    if (size <= SMALL_TOOL_DIR[0] and count <= SMALL_TOOL_DIR[1]) or _mentions(texts, base, itself=True):
+        return None
+    wanted: List[str] = []
+    for path in entries:
+        rel = os.path.relpath(path, base)
+        parts = rel.split("/")
+        folders = [os.path.join(base, *parts[:n]) for n in range(1, len(parts))]
+        if _mentions(texts, path) or any(_mentions(texts, folder, itself=True) for folder in folders):
+            wanted.append(rel)
+    return wanted
+
+
+def launcher_script() -> str:
+    """The DIRAC Executable: run the payload zipapp with whichever Python the node has (DIRAC's own, or python3)."""
     return f"""#!/bin/sh
-# galaxy-dirac launcher: generated, do not edit.
-J="$(pwd -P)"
-E=$(printf '%s' "$J" | sed -e 's/[#&\\\\]/\\\\&/g')
-mkdir -p outputs work inputs
-if [ -f galaxy_dirac_rewrite.list ]; then
-    while IFS= read -r f; do
-        [ -f "$f" ] && sed -i "s#{PLACEHOLDER}#$E#g" "$f"
-    done < galaxy_dirac_rewrite.list
-fi
-chmod +x "work/{job_script_rel}"
-touch .galaxy_dirac_start
-sleep 0.01 2>/dev/null || true
-/bin/sh "work/{job_script_rel}" > "work/{_stream(job_script_rel, "o")}" 2> "work/{_stream(job_script_rel, "e")}"
-rc=$?
-echo "galaxy job script exited with $rc"
-(cd work && find . -newer ../.galaxy_dirac_start \\( -type f -o -type l \\) -print > ../galaxy_dirac_work.list \
-    && tar -cf "../{WORK_TAR}" -T ../galaxy_dirac_work.list) || exit 3
-if ls work/galaxy_*.ec > /dev/null 2>&1; then
-    exit 0
-fi
-tail -c 4000 "work/{_stream(job_script_rel, "e")}" >&2
-exit $(( rc == 0 ? 4 : rc ))
+# galaxy-dirac launcher: generated, do not edit. Runs the Galaxy job payload; see galaxy_dirac.payload.
+for python in "${{GALAXY_DIRAC_PYTHON:-}}" python3 python; do
+    if [ -n "$python" ] && command -v "$python" > /dev/null 2>&1; then
+        exec "$python" {ZIPAPP} "$@"
+    fi
+done
+echo "galaxy-dirac: Galaxy job payload error: no python3 on this worker node" >&2
+exit 85
 """
-
-
-def _stream(job_script_rel: str, kind: str) -> str:
-    base = os.path.basename(job_script_rel)
-    stem = base[:-3] if base.endswith(".sh") else base
-    return f"{stem}.{kind}"
 
 
 def files_api_url(spec: JobSpec, path: Optional[str] = None) -> str:
@@ -192,79 +251,213 @@ def files_api_url(spec: JobSpec, path: Optional[str] = None) -> str:
 class Bundle:
     archive: str  # the input sandbox archive (tar.bz2)
     output_sandbox: List[str]
-    manifest: Dict[str, object]
+    config: Dict[str, object]
     mapper: PathMapper
+    size: int = 0
+
+
+class Transport:
+    """How data moves between Galaxy and the node; one instance per kind in :data:`TRANSPORTS`."""
+
+    name = ""
+
+    def check(self, spec: JobSpec) -> None:
+        """Refuse a spec this transport cannot serve."""
+
+    def add_input(self, spec: JobSpec, root: str, config: Dict[str, list], galaxy_path: str, rel: str) -> None:
+        raise NotImplementedError
+
+    def add_outputs(self, spec: JobSpec, mapper: PathMapper, config: Dict[str, object]) -> None:
+        raise NotImplementedError
+
+    def output_sandbox(self) -> List[str]:
+        """The JDL's OutputSandbox: files only, never directories (a JobWrapper would tar them with its own paths)."""
+        return [STDOUT, STDERR]
+
+    def install(self, spec: JobSpec, sandboxes: Callable[[], List[io.BytesIO]]) -> List[str]:
+        """Put the results Galaxy-side once the DIRAC job is Done; returns the output datasets placed."""
+        raise NotImplementedError
+
+
+class GalaxyTransport(Transport):
+    """The payload pulls inputs from and pushes outputs to Galaxy's job files API, as Pulsar does."""
+
+    name = "galaxy"
+
+    def check(self, spec: JobSpec) -> None:
+        if not (spec.galaxy_url and spec.encoded_job_id and spec.job_key):
+            raise ValueError("transport 'galaxy' needs galaxy_url, encoded job id and job key")
+
+    def add_input(self, spec: JobSpec, root: str, config: Dict[str, list], galaxy_path: str, rel: str) -> None:
+        entry: Dict[str, object] = {"url": files_api_url(spec, galaxy_path), "path": rel}
+        if os.path.exists(galaxy_path):
+            entry["size"] = os.path.getsize(galaxy_path)
+        config["inputs"].append(entry)
+
+    def add_outputs(self, spec: JobSpec, mapper: PathMapper, config: Dict[str, object]) -> None:
+        outputs = [_push(spec, str(mapper.relative(p)), p, optional=True) for p in _unique_paths(spec.outputs)]
+        outputs.append(_push(spec, WORK_TAR, _pushed_work_tar(spec), optional=False))
+        config["outputs"] = outputs
+
+    def install(self, spec: JobSpec, sandboxes: Callable[[], List[io.BytesIO]]) -> List[str]:
+        """The outputs are in place already; the work archive the payload pushed must be there, or nothing is."""
+        pushed = _pushed_work_tar(spec)
+        if not os.path.isfile(pushed):
+            raise LimitError(
+                "the job's results never reached Galaxy (no pushed work archive): the worker node could not reach "
+                "Galaxy's job files API, or the job ran on a node without the payload"
+            )
+        restore_work(spec, pushed)
+        os.unlink(pushed)
+        return [p for p in _unique_paths(spec.outputs) if os.path.exists(p)]
+
+
+class SandboxTransport(Transport):
+    """Inputs in the input sandbox, outputs in one results archive the OutputSandbox lists."""
+
+    name = "sandbox"
+
+    def add_input(self, spec: JobSpec, root: str, config: Dict[str, list], galaxy_path: str, rel: str) -> None:
+        dest = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        if os.path.exists(galaxy_path):
+            shutil.copyfile(galaxy_path, dest)
+
+    def add_outputs(self, spec: JobSpec, mapper: PathMapper, config: Dict[str, object]) -> None:
+        config["output_files"] = [str(mapper.relative(p)) for p in _unique_paths(spec.outputs)]
+        if spec.max_output_bytes:
+            config["max_output_bytes"] = int(spec.max_output_bytes)
+
+    def output_sandbox(self) -> List[str]:
+        return [STDOUT, STDERR, RESULTS]
+
+    def install(self, spec: JobSpec, sandboxes: Callable[[], List[io.BytesIO]]) -> List[str]:
+        work = spec.working_directory
+        unpacked = os.path.join(work, RESULTS_DIR)
+        shutil.rmtree(unpacked, ignore_errors=True)
+        os.makedirs(unpacked)
+        try:
+            limit = _extraction_cap(spec)
+            for n, blob in enumerate(sandboxes()):
+                archive = os.path.join(work, f"{RESULTS_DIR}-{n}")
+                with open(archive, "wb") as stream:
+                    stream.write(blob.getvalue())
+                safe_extract(archive, os.path.join(unpacked, str(n)), max_total_bytes=limit)
+                os.unlink(archive)
+            # Whoever tarred the output sandbox (our pilot, a DIRAC JobWrapper) may have kept its own path prefix.
+            found = sorted(_find(unpacked, RESULTS), key=len)
+            if not found:
+                raise LimitError(f"the output sandbox holds no {RESULTS}: the payload did not finish on the node")
+            results = os.path.join(unpacked, "results")
+            safe_extract(found[0], results, max_total_bytes=limit)
+            return install_sandbox_outputs(spec, results)
+        finally:
+            shutil.rmtree(unpacked, ignore_errors=True)
+
+
+TRANSPORTS: Dict[str, Transport] = {t.name: t for t in (GalaxyTransport(), SandboxTransport())}
+
+
+def _find(root: str, name: str) -> List[str]:
+    return [os.path.join(folder, name) for folder, _dirs, files in os.walk(root) if name in files]
+
+
+def _extraction_cap(spec: JobSpec) -> int:
+    """Extracted bytes allowed for one job's results: its output limit (with room for compression), else 10 GiB."""
+    return 4 * int(spec.max_output_bytes) if spec.max_output_bytes else 10 * 1024**3
+
+
+def _pushed_work_tar(spec: JobSpec) -> str:
+    return os.path.join(spec.working_directory, RESULTS_DIR + ".tar")
+
+
+def transport(name: str) -> Transport:
+    try:
+        return TRANSPORTS[name]
+    except KeyError:
+        raise ValueError(f"unknown transport {name!r}; expected one of {', '.join(TRANSPORTS)}") from None
 
 
 def build_bundle(spec: JobSpec) -> Bundle:
     """Write the bundle directory and pack it as ``<working dir>/galaxy_dirac_bundle.tar.bz2``."""
-    if spec.transport not in TRANSPORTS:
-        raise ValueError(f"unknown transport {spec.transport!r}; expected one of {', '.join(TRANSPORTS)}")
-    if spec.transport == "galaxy" and not (spec.galaxy_url and spec.encoded_job_id and spec.job_key):
-        raise ValueError("transport 'galaxy' needs galaxy_url, encoded job id and job key")
+    strategy = transport(spec.transport)
+    strategy.check(spec)
     mapper = PathMapper(spec)
     work = os.path.abspath(spec.working_directory)
     root = os.path.join(work, BUNDLE_DIR)
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     rewrite: List[str] = []
+    texts: List[str] = []
 
     # Galaxy's working directory, rewritten.
-    skip = {BUNDLE_DIR, BUNDLE_ARCHIVE, RESULTS_DIR, STATE_FILE}
-    _copy_tree(work, os.path.join(root, "work"), mapper, rewrite, "work", skip)
+    skip = {BUNDLE_DIR, BUNDLE_ARCHIVE, RESULTS_DIR, STATE_FILE, RESULTS_DIR + ".tar"}
+    _copy_tree(work, os.path.join(root, "work"), mapper, rewrite, "work", skip, texts=texts)
     tool_rel = mapper.dirs.get(os.path.abspath(spec.tool_dir)) if spec.tool_dir else None
     if tool_rel:
-        _copy_tree(str(spec.tool_dir), os.path.join(root, tool_rel), mapper, rewrite, tool_rel, set())
+        only = tool_files(str(spec.tool_dir), texts)
+        _copy_tree(str(spec.tool_dir), os.path.join(root, tool_rel), mapper, rewrite, tool_rel, set(), only=only)
 
-    manifest: Dict[str, object] = {"inputs": [], "outputs": []}
-    inputs: List[Dict[str, object]] = []
-    outputs: List[Dict[str, object]] = []
-    input_files: List[Tuple[str, str]] = []
-    for path in spec.inputs:
-        input_files.append((path, str(mapper.relative(path))))
-    for folder in spec.input_extra_dirs:
+    config: Dict[str, list] = {"inputs": [], "outputs": []}
+    input_files: List[Tuple[str, str]] = [(path, mapper.files[path]) for path in _unique_paths(spec.inputs)]
+    for folder in _unique_paths(spec.input_extra_dirs):
         for dirpath, _dirs, files in os.walk(folder):
-            for name in files:
+            for name in sorted(files):
                 full = os.path.join(dirpath, name)
                 input_files.append((full, str(mapper.relative(full))))
     for path, rel in input_files:
-        if spec.transport == "sandbox":
-            dest = os.path.join(root, rel)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            if os.path.exists(path):
-                shutil.copyfile(path, dest)
-        else:
-            entry: Dict[str, object] = {"url": files_api_url(spec, path), "path": rel}
-            if os.path.exists(path):
-                entry["size"] = os.path.getsize(path)
-            inputs.append(entry)
+        strategy.add_input(spec, root, config, path, rel)
     # Galaxy creates empty output files before a job runs and job scripts rely on it (from_work_dir copies test
     # ``-f <output>``), so the bundle carries them empty too.
-    for path in spec.outputs:
+    for path in _unique_paths(spec.outputs):
         dest = os.path.join(root, str(mapper.relative(path)))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         open(dest, "wb").close()
-    output_sandbox = [STDOUT, STDERR]
-    if spec.transport == "galaxy":
-        for path in spec.outputs:
-            outputs.append(_push(spec, str(mapper.relative(path)), path, optional=True))
-        outputs.append(_push(spec, WORK_TAR, os.path.join(work, RESULTS_DIR + ".tar"), optional=False))
-    else:
-        output_sandbox += ["outputs", WORK_TAR]
-    manifest["inputs"] = inputs
-    manifest["outputs"] = outputs
-    with open(os.path.join(root, MANIFEST), "w", encoding="utf-8") as stream:
-        json.dump(manifest, stream, indent=1)
-    job_script_rel = os.path.relpath(spec.job_script, work)
+    payload: Dict[str, object] = dict(config)
+    strategy.add_outputs(spec, mapper, payload)
+    payload.update(
+        {
+            "transport": strategy.name,
+            "job_script": "work/" + os.path.relpath(spec.job_script, work),
+            "rewrite": rewrite,
+        }
+    )
+    if spec.exit_code_file:
+        payload["exit_code_file"] = str(mapper.relative(spec.exit_code_file))
+    if spec.processors:
+        payload["processors"] = int(spec.processors)
+    if spec.memory_mb:
+        payload["memory_mb"] = int(spec.memory_mb)
+    with open(os.path.join(root, CONFIG), "w", encoding="utf-8") as stream:
+        json.dump(payload, stream, indent=1)
     with open(os.path.join(root, LAUNCHER), "w", encoding="utf-8") as stream:
-        stream.write(launcher_script(job_script_rel))
+        stream.write(launcher_script())
     os.chmod(os.path.join(root, LAUNCHER), 0o755)
-    with open(os.path.join(root, "galaxy_dirac_rewrite.list"), "w", encoding="utf-8") as stream:
+    with open(os.path.join(root, ZIPAPP), "wb") as stream:
+        stream.write(_payload_zipapp())
+    with open(os.path.join(root, REWRITE_LIST), "w", encoding="utf-8") as stream:
         stream.write("".join(f"{rel}\n" for rel in rewrite))
     archive = os.path.join(work, BUNDLE_ARCHIVE)
-    create_archive(archive, root, "tar.bz2")
+    _sha, size = create_archive(archive, root, "tar.bz2")
     shutil.rmtree(root, ignore_errors=True)
-    return Bundle(archive, output_sandbox, manifest, mapper)
+    if spec.max_input_bytes and size > spec.max_input_bytes:
+        os.unlink(archive)
+        raise LimitError(
+            f"the job's input sandbox would be {size / 1e6:.1f} MB, over this destination's input sandbox limit of "
+            f"{spec.max_input_bytes / 1e6:.1f} MB (input_sandbox_limit); send the inputs through Galaxy's job files "
+            "API instead with transport: galaxy"
+        )
+    return Bundle(archive, strategy.output_sandbox(), payload, mapper, size)
+
+
+_ZIPAPP_CACHE: Dict[str, bytes] = {}
+
+
+def _payload_zipapp() -> bytes:
+    """The payload zipapp, built once per process (deterministic, ~40 kB)."""
+    if "payload" not in _ZIPAPP_CACHE:
+        _ZIPAPP_CACHE["payload"] = zipapp_bytes(sources=payload_sources())
+    return _ZIPAPP_CACHE["payload"]
 
 
 def _push(spec: JobSpec, rel: str, galaxy_path: str, optional: bool) -> Dict[str, object]:
@@ -279,7 +472,19 @@ def _push(spec: JobSpec, rel: str, galaxy_path: str, optional: bool) -> Dict[str
     }
 
 
-def _copy_tree(src: str, dest: str, mapper: PathMapper, rewrite: List[str], rel_root: str, skip: set) -> None:
+def _copy_tree(
+    src: str,
+    dest: str,
+    mapper: PathMapper,
+    rewrite: List[str],
+    rel_root: str,
+    skip: set,
+    *,
+    only: Optional[List[str]] = None,
+    texts: Optional[List[str]] = None,
+) -> None:
+    """Copy ``src`` to ``dest`` rewriting Galaxy paths in text files; ``only`` limits it to those relative files."""
+    wanted = set(only) if only is not None else None
     for dirpath, dirs, files in os.walk(src):
         rel_dir = os.path.relpath(dirpath, src)
         if rel_dir == ".":
@@ -287,18 +492,25 @@ def _copy_tree(src: str, dest: str, mapper: PathMapper, rewrite: List[str], rel_
             files = [f for f in files if f not in skip]
             rel_dir = ""
         target_dir = os.path.join(dest, rel_dir)
-        os.makedirs(target_dir, exist_ok=True)
+        if wanted is None:
+            os.makedirs(target_dir, exist_ok=True)
         for name in files:
             source = os.path.join(dirpath, name)
             if os.path.islink(source) or not os.path.isfile(source):
                 continue
+            rel_file = "/".join(p for p in (rel_dir, name) if p)
+            if wanted is not None and rel_file not in wanted:
+                continue
+            os.makedirs(target_dir, exist_ok=True)
             target = os.path.join(target_dir, name)
-            rel = "/".join(p for p in (rel_root, rel_dir, name) if p)
+            rel = "/".join(p for p in (rel_root, rel_file) if p)
             if os.path.getsize(source) <= MAX_REWRITE_BYTES:
                 with open(source, "rb") as stream:
                     data = stream.read()
                 if b"\0" not in data:
                     text = data.decode("utf-8", errors="surrogateescape")
+                    if texts is not None:
+                        texts.append(text)
                     new = mapper.rewrite(text)
                     if new != text:
                         with open(target, "wb") as out:
@@ -311,16 +523,15 @@ def _copy_tree(src: str, dest: str, mapper: PathMapper, rewrite: List[str], rel_
 
 def restore_work(spec: JobSpec, tar_path: str) -> List[str]:
     """Extract the node's ``galaxy_dirac_work.tar`` into Galaxy's working directory; returns what it wrote."""
-    return safe_extract(tar_path, spec.working_directory)
+    return safe_extract(tar_path, spec.working_directory, max_total_bytes=_extraction_cap(spec))
 
 
 def install_sandbox_outputs(spec: JobSpec, extracted_root: str) -> List[str]:
-    """Transport sandbox: copy ``outputs/<name>`` to the Galaxy output paths and restore the work tar."""
+    """Copy ``outputs/<name>`` of the unpacked results to the Galaxy output paths and restore the work archive."""
     mapper = PathMapper(spec)
     placed: List[str] = []
-    for path in spec.outputs:
-        rel = mapper.relative(path)
-        source = os.path.join(extracted_root, str(rel))
+    for path in _unique_paths(spec.outputs):
+        source = os.path.join(extracted_root, str(mapper.relative(path)))
         if os.path.isfile(source):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             shutil.copyfile(source, path)
@@ -329,6 +540,11 @@ def install_sandbox_outputs(spec: JobSpec, extracted_root: str) -> List[str]:
     if os.path.isfile(tar):
         restore_work(spec, tar)
     return placed
+
+
+def install_results(spec: JobSpec, sandboxes: Callable[[], List[io.BytesIO]]) -> List[str]:
+    """Put a Done job's results in place Galaxy-side, whichever transport carried them."""
+    return transport(spec.transport).install(spec, sandboxes)
 
 
 def save_state(working_directory: str, data: Dict[str, object]) -> None:
@@ -353,8 +569,9 @@ def spec_to_dict(spec: JobSpec) -> Dict[str, object]:
 
 
 def spec_from_dict(data: Dict[str, object]) -> JobSpec:
-    return JobSpec(**data)  # type: ignore[arg-type]
+    known = set(JobSpec.__dataclass_fields__)
+    return JobSpec(**{k: v for k, v in data.items() if k in known})  # type: ignore[arg-type]
 
 
-def output_sandbox_patterns(transport: str) -> Sequence[str]:
-    return [STDOUT, STDERR] + (["outputs", WORK_TAR] if transport == "sandbox" else [])
+def output_sandbox_patterns(transport_name: str) -> Sequence[str]:
+    return transport(transport_name).output_sandbox()

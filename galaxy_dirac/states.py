@@ -99,3 +99,26 @@ PILOT_STATES = (
 PILOT_WAITING_STATES = frozenset({PILOT_SUBMITTED, PILOT_WAITING, PILOT_SCHEDULED})
 PILOT_TRANSIENT_STATES = PILOT_WAITING_STATES | {PILOT_RUNNING}
 PILOT_FINAL_STATES = frozenset({PILOT_DONE, PILOT_FAILED, PILOT_DELETED, PILOT_ABORTED})
+
+
+# Minor statuses that more than one component acts on, spelled as DIRAC spells them. The runner reschedules a job that
+# failed with a transfer failure (Galaxy was unreachable for a while); the pilot and the job payload report them.
+APP_ERRORS = "Application Finished With Errors"
+INPUT_STAGING_FAILED = "Input staging failed"
+OUTPUT_STAGING_FAILED = "Output staging failed"
+TRANSFER_FAILURES = (INPUT_STAGING_FAILED, OUTPUT_STAGING_FAILED)
+OUTPUT_SANDBOX_TOO_LARGE = "Output sandbox too large"
+JOB_SCRIPT_INCOMPLETE = "Galaxy job script did not finish"
+PAYLOAD_ERROR = "Galaxy job payload error"
+
+#: Exit codes with which the Galaxy job payload (``galaxy_dirac.payload``) reports a failure of its own, never a tool's
+#: (a tool's exit code is Galaxy's to judge and travels in the job's results). A DIRAC JobWrapper records the exit code
+#: as the job's ApplicationStatus; our pilot turns it into the minor status.
+PAYLOAD_EXIT_CODES = {
+    81: INPUT_STAGING_FAILED,
+    82: OUTPUT_STAGING_FAILED,
+    83: OUTPUT_SANDBOX_TOO_LARGE,
+    84: JOB_SCRIPT_INCOMPLETE,
+    85: PAYLOAD_ERROR,
+}
+PAYLOAD_EXIT = {minor: code for code, minor in PAYLOAD_EXIT_CODES.items()}

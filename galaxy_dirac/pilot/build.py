@@ -24,31 +24,49 @@ from galaxy_dirac.pilot.pilot import main
 
 sys.exit(main())
 """
+_PAYLOAD_MAIN = b"""\"\"\"Run the Galaxy job in the current directory.\"\"\"
+import sys
+
+from galaxy_dirac.payload.job import main
+
+sys.exit(main())
+"""
 #: Modules of the pilot package that are only needed to build it.
 _BUILD_ONLY = {"build.py"}
+#: Stdlib modules of the package that both zipapps ship: the contracts and the archive code they share.
+_SHARED = ("__init__.py", "archive.py", "states.py", "payload/__init__.py")
+
+
+def _sources(main: bytes, modules: Sequence[str]) -> List[Tuple[str, bytes]]:
+    root = Path(__file__).resolve().parent.parent
+    files: List[Tuple[str, bytes]] = [("__main__.py", main), ("galaxy_dirac/__init__.py", b"")]
+    for name in modules:
+        if name != "__init__.py":
+            files.append((f"galaxy_dirac/{name}", (root / name).read_bytes()))
+    return sorted(files)
 
 
 def pilot_sources() -> List[Tuple[str, bytes]]:
     """(name in the zipapp, content) of every file the pilot needs, sorted."""
     package = Path(__file__).resolve().parent
-    root = package.parent
-    files: List[Tuple[str, bytes]] = [
-        ("__main__.py", _MAIN),
-        ("galaxy_dirac/__init__.py", b""),
-        ("galaxy_dirac/archive.py", (root / "archive.py").read_bytes()),
-    ]
-    for path in sorted(package.glob("*.py")):
-        if path.name not in _BUILD_ONLY:
-            files.append((f"galaxy_dirac/pilot/{path.name}", path.read_bytes()))
-    return sorted(files)
+    modules = list(_SHARED) + [f"pilot/{p.name}" for p in sorted(package.glob("*.py")) if p.name not in _BUILD_ONLY]
+    return _sources(_MAIN, modules)
 
 
-def zipapp_bytes(interpreter: str = "/usr/bin/env python3") -> bytes:
-    """The zipapp's bytes: a ``#!`` line, then a zip archive with deterministic metadata."""
+def payload_sources() -> List[Tuple[str, bytes]]:
+    """What the Galaxy job payload needs: the payload package and the pilot's transfer code, nothing else."""
+    payload = Path(__file__).resolve().parent.parent / "payload"
+    modules = list(_SHARED) + [f"payload/{p.name}" for p in sorted(payload.glob("*.py")) if p.name != "__init__.py"]
+    modules += ["pilot/__init__.py", "pilot/http.py", "pilot/staging.py"]
+    return _sources(_PAYLOAD_MAIN, modules)
+
+
+def zipapp_bytes(interpreter: str = "/usr/bin/env python3", sources: Optional[List[Tuple[str, bytes]]] = None) -> bytes:
+    """The zipapp's bytes (the pilot's unless ``sources`` says otherwise): a ``#!`` line, then a deterministic zip."""
     buffer = io.BytesIO()
     buffer.write(f"#!{interpreter}\n".encode())
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, content in pilot_sources():
+        for name, content in sources if sources is not None else pilot_sources():
             info = zipfile.ZipInfo(name, date_time=_EPOCH)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.create_system = 3

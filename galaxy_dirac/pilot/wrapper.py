@@ -12,6 +12,7 @@ scheduler with a reschedule instead of failing, as DIRAC's JobAgent does; so is 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -31,10 +32,12 @@ from galaxy_dirac.archive import (
     missing_outputs,
     safe_extract,
 )
+from galaxy_dirac.payload import LAUNCHER
 from galaxy_dirac.pilot import watchdog as wd
 from galaxy_dirac.pilot.http import Backoff, Client, ssl_context
 from galaxy_dirac.pilot.outbox import FAILED_OUTPUT_SANDBOX, Outbox
 from galaxy_dirac.pilot.staging import MANIFEST_NAME, InputFile, ManifestError, StagingError, Transfers, load_manifest
+from galaxy_dirac.states import APP_ERRORS, INPUT_STAGING_FAILED, OUTPUT_STAGING_FAILED, PAYLOAD_EXIT_CODES
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +48,10 @@ DOWNLOADING_INPUT_SANDBOX = "Downloading InputSandbox"
 INPUT_DATA_RESOLUTION = "Input Data Resolution"
 APPLICATION = "Application"
 APP_SUCCESS = "Application Finished Successfully"
-APP_ERRORS = "Application Finished With Errors"
 UPLOADING_OUTPUT_SANDBOX = "Uploading Output Sandbox"
 UPLOADING_OUTPUT_DATA = "Uploading Output Data"
 EXEC_COMPLETE = "Execution Complete"
 INPUT_SANDBOX_REJECTED = "Input sandbox rejected"
-INPUT_STAGING_FAILED = "Input staging failed"
-OUTPUT_STAGING_FAILED = "Output staging failed"
 WRAPPER_EXCEPTION = "Exception During Execution"
 
 #: Environment variables of the pilot that must not reach the payload (they hold the pilot's credentials).
@@ -277,7 +277,7 @@ class JobWrapper:
             app_status = f"Killed by signal {-exit_code}"
         self._status(COMPLETING, APP_SUCCESS if succeeded else APP_ERRORS, app_status)
         if failure is None and not succeeded:
-            failure = (APP_ERRORS, app_status or "")
+            failure = self._payload_failure(exit_code) or (APP_ERRORS, app_status or "")
 
         self._status(COMPLETING, UPLOADING_OUTPUT_SANDBOX)
         sandbox_problem = self._queue_output_sandbox()
@@ -299,6 +299,18 @@ class JobWrapper:
             return JobResult(self.job_id, DONE, EXEC_COMPLETE, exit_code)
         self._status(FAILED, failure[0], failure[1] or None)
         return JobResult(self.job_id, FAILED, failure[0], exit_code)
+
+    def _payload_failure(self, exit_code: Optional[int]) -> Optional[Tuple[str, str]]:
+        """A Galaxy job payload's own failure (see PAYLOAD_EXIT_CODES) as DIRAC's minor status and its message."""
+        if str(self.job.get("Executable") or "") != LAUNCHER or exit_code not in PAYLOAD_EXIT_CODES:
+            return None
+        lines: List[str] = []
+        with contextlib.suppress(OSError), open(self._job_file("StdError", "std.err"), "rb") as stream:
+            stream.seek(0, os.SEEK_END)
+            stream.seek(max(0, stream.tell() - 2000))
+            lines = stream.read().decode("utf-8", errors="replace").strip().splitlines()
+        detail = next((line for line in reversed(lines) if line.startswith("galaxy-dirac:")), f"Exit code {exit_code}")
+        return PAYLOAD_EXIT_CODES[int(exit_code)], detail[:500]
 
     def _download_input_sandbox(self) -> None:
         """Fetch and safely extract every ``SB:`` entry of InputSandbox; other entries were packed into those."""

@@ -10,9 +10,10 @@ import zipfile
 
 import pytest
 
-from galaxy_dirac.pilot.build import build_zipapp, pilot_sources, zipapp_bytes
+from galaxy_dirac.pilot.build import build_zipapp, payload_sources, pilot_sources, zipapp_bytes
 
-ALLOWED_OWN = ("galaxy_dirac.archive", "galaxy_dirac.pilot")
+ALLOWED_OWN = ("galaxy_dirac.archive", "galaxy_dirac.pilot", "galaxy_dirac.states", "galaxy_dirac.payload")
+SHIPPED = pilot_sources() + payload_sources()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_zipapp_refuses_to_start_without_url(pyz, tmp_path):
     assert "missing --url, --token" in result.stderr
 
 
-@pytest.mark.parametrize("name,source", pilot_sources(), ids=[name for name, _ in pilot_sources()])
+@pytest.mark.parametrize("name,source", SHIPPED, ids=[name for name, _ in SHIPPED])
 def test_sources_are_python38_and_stdlib_only(name, source):
     tree = ast.parse(source, filename=name, feature_version=(3, 8))
     stdlib = sys.stdlib_module_names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,7 +12,22 @@ from pathlib import Path
 import pytest
 
 from galaxy_dirac import staging
-from galaxy_dirac.archive import safe_extract
+from galaxy_dirac.archive import create_archive, safe_extract
+from galaxy_dirac.states import JOB_SCRIPT_INCOMPLETE, OUTPUT_SANDBOX_TOO_LARGE, PAYLOAD_EXIT
+
+
+def _node_env() -> dict:
+    """A worker node's environment: nothing of this test process (no PYTHONPATH to our package)."""
+    return {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "LANG": "C.UTF-8"}
+
+
+def _sandbox_of(node: Path, patterns: list) -> io.BytesIO:
+    """The output sandbox as a JobWrapper would pack it: the listed files, here under an absolute-path prefix."""
+    prefix = str(node).lstrip("/")
+    pairs = [(f"{prefix}/{name}", node / name) for name in patterns if (node / name).exists()]
+    archive = node.parent / "out.tar.bz2"
+    create_archive(archive, pairs, "tar.bz2")
+    return io.BytesIO(archive.read_bytes())
 
 
 def _spec(tmp_path: Path, transport: str = "galaxy") -> staging.JobSpec:
@@ -35,6 +51,7 @@ def _spec(tmp_path: Path, transport: str = "galaxy") -> staging.JobSpec:
         f"echo 0 > {ec}\n"
     )
     return staging.JobSpec(
+        exit_code_file=str(ec),
         galaxy_job_id=7,
         working_directory=str(work),
         job_script=str(script),
@@ -73,22 +90,33 @@ def test_same_basename_gets_unique_names(tmp_path: Path) -> None:
     assert mapper.relative(str(other)) == "inputs/1_dataset_1.dat"
 
 
+def test_the_same_dataset_named_twice_is_staged_once(tmp_path: Path) -> None:
+    """Galaxy lists a dataset once per use (repeats, multiple="true"); the node gets it once, under one name."""
+    spec = _spec(tmp_path)
+    spec.inputs = spec.inputs * 3
+    spec.input_extra_dirs = spec.input_extra_dirs * 2
+    bundle = staging.build_bundle(spec)
+    paths = [entry["path"] for entry in bundle.config["inputs"]]
+    assert paths == ["inputs/dataset_1.dat", "inputs/dataset_1_files/index.txt"]
+    assert staging.PathMapper(spec).relative(spec.inputs[2]) == "inputs/dataset_1.dat"
+
+
 def test_galaxy_transport_manifest(tmp_path: Path) -> None:
     spec = _spec(tmp_path)
     bundle = staging.build_bundle(spec)
     assert bundle.output_sandbox == [staging.STDOUT, staging.STDERR]
-    inputs = {entry["path"]: entry for entry in bundle.manifest["inputs"]}
+    inputs = {entry["path"]: entry for entry in bundle.config["inputs"]}
     assert set(inputs) == {"inputs/dataset_1.dat", "inputs/dataset_1_files/index.txt"}
     assert inputs["inputs/dataset_1.dat"]["url"].startswith("http://galaxy.example:8080/api/jobs/abc123/files?")
     assert "job_key=key456" in inputs["inputs/dataset_1.dat"]["url"]
     assert inputs["inputs/dataset_1.dat"]["size"] == len("in one\n")
-    outputs = {entry["path"]: entry for entry in bundle.manifest["outputs"]}
+    outputs = {entry["path"]: entry for entry in bundle.config["outputs"]}
     assert outputs["outputs/dataset_2.dat"]["fields"] == {"path": spec.outputs[0], "job_key": "key456"}
     assert "?" not in outputs["outputs/dataset_2.dat"]["url"]  # job_key only once, in the form
     assert outputs[staging.WORK_TAR]["optional"] is False
     with tarfile.open(bundle.archive) as tf:
         names = set(tf.getnames())
-    assert {staging.LAUNCHER, staging.MANIFEST, "work/galaxy_7.sh", "outputs/dataset_2.dat"} <= names
+    assert {staging.LAUNCHER, staging.CONFIG, staging.ZIPAPP, "work/galaxy_7.sh", "outputs/dataset_2.dat"} <= names
     assert not any(name.startswith("inputs/") for name in names)  # pulled by the wrapper, not in the sandbox
 
 
@@ -101,21 +129,24 @@ def test_sandbox_bundle_runs_on_a_node_and_results_come_back(tmp_path: Path) -> 
     """Run the launcher in a fresh directory (a fake node) and install its results Galaxy-side."""
     spec = _spec(tmp_path, transport="sandbox")
     bundle = staging.build_bundle(spec)
-    assert json.loads(json.dumps(bundle.manifest)) == {"inputs": [], "outputs": []}
+    assert bundle.output_sandbox == [staging.STDOUT, staging.STDERR, staging.RESULTS]
+    assert json.loads(json.dumps(bundle.config))["inputs"] == []
     node = tmp_path / "node" / "job-1"
     node.mkdir(parents=True)
     safe_extract(bundle.archive, node)
     assert (node / "inputs" / "dataset_1_files" / "index.txt").read_text() == "extra\n"
     script = (node / "work" / "galaxy_7.sh").read_text()
     assert str(tmp_path / "galaxy") not in script.replace(str(tmp_path / "galaxy" / "files") + "/dataset_10", "")
-    result = subprocess.run(["/bin/sh", staging.LAUNCHER], cwd=node, capture_output=True, text=True)
+    result = subprocess.run(["/bin/sh", staging.LAUNCHER], cwd=node, capture_output=True, text=True, env=_node_env())
     assert result.returncode == 0, result.stderr
     assert (node / "outputs" / "dataset_2.dat").read_text() == "in one\nextra\n"
     with tarfile.open(node / staging.WORK_TAR) as tf:
         produced = set(tf.getnames())
-    assert "./working/made.txt" in produced and "./galaxy_7.ec" in produced
-    assert "./galaxy_7.sh" not in produced  # only what the job created or changed comes back
-    placed = staging.install_sandbox_outputs(spec, str(node))
+    assert "working/made.txt" in produced and "galaxy_7.ec" in produced
+    assert "galaxy_7.sh" not in produced  # only what the job created or changed comes back
+    with tarfile.open(node / staging.RESULTS) as tf:
+        assert set(tf.getnames()) == {"outputs/dataset_2.dat", staging.WORK_TAR}  # relative, whoever tars it
+    placed = staging.install_results(spec, lambda: [_sandbox_of(node, bundle.output_sandbox)])
     assert placed == spec.outputs
     assert Path(spec.outputs[0]).read_text() == "in one\nextra\n"
     assert (Path(spec.working_directory) / "working" / "made.txt").read_text() == "done\n"
@@ -129,8 +160,9 @@ def test_launcher_fails_when_the_job_script_cannot_run(tmp_path: Path) -> None:
     node = tmp_path / "node"
     node.mkdir()
     safe_extract(bundle.archive, node)
-    result = subprocess.run(["/bin/sh", staging.LAUNCHER], cwd=node, capture_output=True, text=True)
-    assert result.returncode == 5
+    result = subprocess.run(["/bin/sh", staging.LAUNCHER], cwd=node, capture_output=True, text=True, env=_node_env())
+    assert result.returncode == PAYLOAD_EXIT[JOB_SCRIPT_INCOMPLETE]
+    assert "galaxy-dirac: Galaxy job script did not finish" in result.stderr
     assert "broken" in result.stderr
 
 
@@ -140,3 +172,72 @@ def test_state_roundtrip(tmp_path: Path) -> None:
     state = staging.load_state(spec.working_directory)
     assert state and staging.spec_from_dict(state["spec"]) == spec
     assert staging.load_state(os.fspath(tmp_path)) is None
+
+
+def _run_on_node(tmp_path: Path, spec: staging.JobSpec, env: dict) -> tuple:
+    bundle = staging.build_bundle(spec)
+    node = tmp_path / "node"
+    node.mkdir()
+    safe_extract(bundle.archive, node)
+    result = subprocess.run(["/bin/sh", staging.LAUNCHER], cwd=node, capture_output=True, text=True, env=env)
+    return node, result
+
+
+def test_slots_and_memory_come_from_the_slot_then_the_request(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, transport="sandbox")
+    spec.processors, spec.memory_mb = 2, 3000
+    out = tmp_path / "galaxy" / "files" / "dataset_2.dat"
+    Path(spec.job_script).write_text(
+        f'#!/bin/sh\necho "$GALAXY_SLOTS $GALAXY_MEMORY_MB" > {out}\necho 0 > {spec.exit_code_file}\n'
+    )
+    node, result = _run_on_node(tmp_path, spec, {**_node_env(), "DIRAC_JOB_PROCESSORS": "8", "DIRAC_PROCESSORS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert (node / "outputs" / "dataset_2.dat").read_text() == "8 3000\n"
+    (tmp_path / "again").mkdir()
+    node2, result = _run_on_node(tmp_path / "again", spec, _node_env())
+    assert result.returncode == 0, result.stderr
+    assert (node2 / "outputs" / "dataset_2.dat").read_text() == "2 3000\n"
+
+
+def test_outputs_over_the_output_sandbox_limit_fail_with_the_limit_named(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, transport="sandbox")
+    spec.max_output_bytes = 100_000
+    out = tmp_path / "galaxy" / "files" / "dataset_2.dat"
+    Path(spec.job_script).write_text(
+        f"#!/bin/sh\nhead -c 300000 /dev/urandom > {out}\necho 0 > {spec.exit_code_file}\n"
+    )
+    node, result = _run_on_node(tmp_path, spec, _node_env())
+    assert result.returncode == PAYLOAD_EXIT[OUTPUT_SANDBOX_TOO_LARGE]
+    assert "output sandbox limit of 0.1 MB" in result.stderr and "transport: galaxy" in result.stderr
+    assert not (node / staging.RESULTS).exists()
+
+
+def test_a_bundle_over_the_input_sandbox_limit_is_refused_before_submission(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, transport="sandbox")
+    Path(spec.inputs[0]).write_bytes(os.urandom(200_000))
+    spec.max_input_bytes = 50_000
+    with pytest.raises(staging.LimitError, match=r"input sandbox limit of 0\.1 MB"):
+        staging.build_bundle(spec)
+    spec.transport = "galaxy"  # the data does not travel in the sandbox: fits
+    assert staging.build_bundle(spec).size < 50_000
+
+
+def test_only_the_tool_files_the_job_names_travel_from_a_big_shared_directory(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    tools = tmp_path / "tools"
+    (tools / "lib").mkdir(parents=True)
+    for n in range(100):
+        (tools / f"other_{n}.xml").write_text("<tool/>\n" * 100)
+    (tools / "mine.py").write_text("print('mine')\n")
+    (tools / "lib" / "helper.py").write_text("x = 1\n")
+    (tools / "lib" / "data.txt").write_text("d\n")
+    spec.tool_dir = str(tools)
+    Path(spec.job_script).write_text(
+        f"#!/bin/sh\npython3 {tools}/mine.py --lib {tools}/lib > /dev/null\necho 0 > {spec.exit_code_file}\n"
+    )
+    with tarfile.open(staging.build_bundle(spec).archive) as tf:
+        shipped = sorted(m.name for m in tf.getmembers() if m.isfile() and m.name.startswith("tool/"))
+    assert shipped == ["tool/lib/data.txt", "tool/lib/helper.py", "tool/mine.py"]
+    Path(spec.job_script).write_text(f"#!/bin/sh\ncd {tools} && ./mine.py\n")  # names the directory itself
+    with tarfile.open(staging.build_bundle(spec).archive) as tf:
+        assert len([m for m in tf.getmembers() if m.isfile() and m.name.startswith("tool/")]) == 103
