@@ -400,6 +400,10 @@ def search(
     if page < 1 or per_page < 1:
         raise BadRequest("page and per_page must be positive")
     names = list(parameters) if parameters else list(JOB_COLUMNS)
+    with_history = LOGGING_INFO in names
+    if with_history:  # as DiracX 0.7: the pseudo-parameter adds the history; alone it means every column
+        rest = [n for n in names if n != LOGGING_INFO]
+        names = ["JobID", *(n for n in rest if n != "JobID")] if rest else list(JOB_COLUMNS)
     columns = [_column(n) for n in names]
     conds = _search_conditions(search, principal)
     query = select(*columns).where(*conds)
@@ -427,7 +431,47 @@ def search(
             if distinct:
                 base = base.distinct()
             total = conn.execute(select(func.count()).select_from(base.subquery())).scalar_one()
+        if with_history:
+            histories = logging_info(conn, [row["JobID"] for row in rows])
+            for row in rows:
+                row[LOGGING_INFO] = histories.get(row["JobID"], [])
     return rows, total
+
+
+#: Search pseudo-parameter (DiracX 0.7): each row gets the job's status history.
+LOGGING_INFO = "LoggingInfo"
+
+
+def logging_info(conn: Any, job_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+    """Status histories as DiracX's ``JobLoggingDB.get_records``: time order, ``idem`` filled from the record before
+    (a leading ``idem`` application status is ``Unknown``)."""
+    histories: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    if not job_ids:
+        return histories
+    ids = bindparam("history_ids", sorted(set(job_ids)), expanding=True, literal_execute=True)
+    query = (
+        select(
+            LoggingInfo.JobID,
+            LoggingInfo.Status,
+            LoggingInfo.MinorStatus,
+            LoggingInfo.ApplicationStatus,
+            LoggingInfo.StatusTime,
+            LoggingInfo.StatusSource,
+        )
+        .where(LoggingInfo.JobID.in_(ids))
+        .order_by(LoggingInfo.JobID, LoggingInfo.StatusTimeOrder, LoggingInfo.StatusTime, LoggingInfo.SeqNum)
+    )
+    for job_id, status, minor, application, when, source in conn.execute(query):
+        history = histories[job_id]
+        previous = history[-1] if history else {"Status": "idem", "MinorStatus": "idem", "ApplicationStatus": "Unknown"}
+        record = {"Status": status, "MinorStatus": minor, "ApplicationStatus": application}
+        for key, value in record.items():
+            if value == "idem":
+                record[key] = previous[key]
+        record["StatusTime"] = _jsonable(when)
+        record["Source"] = source
+        history.append(record)
+    return histories
 
 
 def summary(

@@ -9,7 +9,9 @@ standing in for the sandbox store. Stdlib only.
 
 Tokens are minted by the server itself through its legacy-exchange route (enabled by
 `DIRACX_LEGACY_EXCHANGE_HASHED_API_KEY`), so they carry exactly the claims and signature a real login gives,
-together with a refresh token that the official client can use.
+together with a refresh token that the official client can use (legacy-exchange refresh tokens do not rotate).
+With `with_idp=True` the VO's IdP is the OIDC double of `oidc_idp.py`, and real device-flow logins (whose refresh
+tokens rotate) can be completed: see tests/contract/test_diracx_login.py.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ GROUPS: Dict[str, tuple] = {
     ADMIN_GROUP: (["NormalUser", "JobAdministrator"], ["alice"]),
 }
 SANDBOX_BUCKET = "sandboxes"
+#: The client id DiracX uses at the VO's IdP (the IdP double checks it).
+IDP_CLIENT_ID = "galaxy-dirac-tests"
 SCRIPTS_DIR = pathlib.Path(__file__).resolve().parent
 
 
@@ -78,14 +82,14 @@ def _http(
         return exc.code, exc.read()
 
 
-def _config_document() -> dict:
-    """The DiracX configuration (CS) the server reads from its git repo: one VO, users, groups."""
+def _config_document(idp_url: str = "https://idp.invalid") -> dict:
+    """The DiracX configuration (CS) the server reads from its git repo: one VO, users, groups, the VO's IdP."""
     return {
         "DIRAC": {},
         "Registry": {
             VO: {
                 "DefaultGroup": USER_GROUP,
-                "IdP": {"URL": "https://idp.invalid", "ClientID": "galaxy-dirac-tests"},
+                "IdP": {"URL": idp_url, "ClientID": IDP_CLIENT_ID},
                 "Users": {sub: {"PreferedUsername": name, "Email": None} for name, sub in USERS.items()},
                 "Groups": {
                     group: {"Properties": props, "Users": [USERS[name] for name in members]}
@@ -100,10 +104,10 @@ def _config_document() -> dict:
     }
 
 
-def _write_config_repo(repo: pathlib.Path) -> None:
+def _write_config_repo(repo: pathlib.Path, idp_url: str = "https://idp.invalid") -> None:
     """DiracX reads its configuration from `default.yml` at the `master` branch of a git repo (JSON is YAML)."""
     repo.mkdir(parents=True)
-    (repo / "default.yml").write_text(json.dumps(_config_document(), indent=2))
+    (repo / "default.yml").write_text(json.dumps(_config_document(idp_url), indent=2))
     git = ["git", "-C", str(repo), "-c", "user.name=galaxy-dirac", "-c", "user.email=tests@galaxy-dirac.invalid"]
     steps = (["-c", "init.defaultBranch=master", "init", "-q"], ["add", "default.yml"], ["commit", "-q", "-m", "cs"])
     for args in steps:
@@ -233,6 +237,7 @@ class DiracxServer:
     token: str = ""
     credentials: Dict[str, object] = field(default_factory=dict)
     s3_url: str = ""
+    idp_url: str = ""
     processes: List[subprocess.Popen] = field(default_factory=list)
     startup_seconds: float = 0.0
 
@@ -246,9 +251,18 @@ class DiracxServer:
         """The server's log (uvicorn and DiracX), worth reading when a contract test fails."""
         return self.workdir / "logs" / "uvicorn.log"
 
-    def mint(self, username: str = "alice", group: str = USER_GROUP) -> Dict[str, object]:
-        """A fresh token response `{access_token, expires_in, token_type, refresh_token}` issued by the server."""
-        query = urllib.parse.urlencode({"preferred_username": username, "scope": f"vo:{VO} group:{group}"})
+    def mint(
+        self, username: str = "alice", group: str = USER_GROUP, expires_minutes: Optional[int] = None
+    ) -> Dict[str, object]:
+        """A fresh token response `{access_token, expires_in, token_type, refresh_token}` issued by the server.
+
+        Legacy-exchange refresh tokens do not rotate (DiracX hands the same one back on refresh) and live
+        `expires_minutes` (default: the server's refresh-token lifetime); device-flow logins rotate.
+        """
+        params = {"preferred_username": username, "scope": f"vo:{VO} group:{group}"}
+        if expires_minutes is not None:
+            params["expires_minutes"] = str(expires_minutes)
+        query = urllib.parse.urlencode(params)
         raw = base64.urlsafe_b64encode(self.legacy_key.encode()).decode()
         status, body = _http(
             "GET",
@@ -260,20 +274,28 @@ class DiracxServer:
         return json.loads(body)
 
     def stop(self) -> None:
-        """Stop every process we started (uvicorn first, then moto)."""
+        """Stop every process we started (uvicorn first, then moto and the IdP double)."""
         for proc in self.processes:
             _stop(proc)
         self.processes.clear()
 
 
 def start_diracx_server(
-    workdir: pathlib.Path, *, startup_timeout: float = 120.0, token_minutes: int = 12 * 60
+    workdir: pathlib.Path,
+    *,
+    startup_timeout: float = 120.0,
+    token_minutes: int = 12 * 60,
+    refresh_minutes: Optional[int] = None,
+    with_idp: bool = False,
 ) -> DiracxServer:
     """Start moto (S3) and DiracX on free loopback ports under `workdir`; return once both answer.
 
     Access tokens live `token_minutes` (DiracX's default is 20) so a long test session can keep one token;
-    refresh tokens live twice as long. On any failure every process already started is stopped before the
-    exception propagates.
+    refresh tokens live `refresh_minutes` (default: twice as long). DiracX counts both in whole minutes. A
+    refresh token handed out on rotation only gets what was left of the one it replaces, so `refresh_minutes`
+    is how long one login lasts. With `with_idp` the VO's IdP is the OIDC double of `oidc_idp.py` on loopback
+    (so the device flow can be completed); otherwise it is an unreachable `https://idp.invalid`. On any failure
+    every process already started is stopped before the exception propagates.
     """
     started = time.monotonic()
     venv = diracx_venv()
@@ -297,7 +319,29 @@ def start_diracx_server(
         )
         server.processes.append(moto)
 
-        _write_config_repo(workdir / "cs")
+        idp_url = "https://idp.invalid"
+        if with_idp:
+            idp_port = free_port()
+            idp_url = server.idp_url = f"http://127.0.0.1:{idp_port}"
+            idp_log = workdir / "logs" / "idp.log"
+            idp = _start(
+                [
+                    str(python),
+                    str(SCRIPTS_DIR / "oidc_idp.py"),
+                    "--port",
+                    str(idp_port),
+                    "--client-id",
+                    IDP_CLIENT_ID,
+                    "--users",
+                    json.dumps(USERS),
+                ],
+                base_env,
+                idp_log,
+                workdir,
+            )
+            server.processes.append(idp)
+            _wait_http(f"{idp_url}/.well-known/openid-configuration", idp, idp_log, 30.0)
+        _write_config_repo(workdir / "cs", idp_url)
         keystore = workdir / "jwks.json"
         subprocess.run(
             [str(python), "-m", "diracx.logic", "rotate-jwk", "--jwks-path", str(keystore)],
@@ -324,7 +368,7 @@ def start_diracx_server(
                 ),
                 "DIRACX_LEGACY_EXCHANGE_HASHED_API_KEY": hashlib.sha256(legacy_key.encode()).hexdigest(),
                 "DIRACX_SERVICE_AUTH_ACCESS_TOKEN_EXPIRE_MINUTES": str(token_minutes),
-                "DIRACX_SERVICE_AUTH_REFRESH_TOKEN_EXPIRE_MINUTES": str(2 * token_minutes),
+                "DIRACX_SERVICE_AUTH_REFRESH_TOKEN_EXPIRE_MINUTES": str(refresh_minutes or 2 * token_minutes),
             }
         )
         _wait_http(f"{server.s3_url}/", moto, moto_log, 30.0)
