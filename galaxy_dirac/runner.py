@@ -6,7 +6,10 @@
       dirac:
         load: galaxy_dirac.runner:DiracJobRunner
         scheduler_url: https://wms.example.org     # or env GALAXY_DIRAC_SCHEDULER_URL
-        token_file: /etc/galaxy/dirac.token        # or token:, or env GALAXY_DIRAC_TOKEN(_FILE)
+        token_file: /etc/galaxy/dirac.token        # embedded scheduler: or token:, or env GALAXY_DIRAC_TOKEN(_FILE)
+        credentials_file: /etc/galaxy/diracx.json  # a real DiracX: written by `galaxy-dirac login`
+        input_sandbox_limit: 100                   # MB; the target's sandbox limits (also per destination)
+        output_sandbox_limit: 10
         galaxy_url: https://galaxy.example.org     # as seen from worker nodes; or env GALAXY_DIRAC_GALAXY_URL
         status_batch_size: 500
         transport: galaxy                          # default transport: galaxy | sandbox
@@ -17,9 +20,12 @@
           site: LCG.CERN.ch          # also banned_sites, tags, processors, memory (MB), cpu_time (s), platform,
           transport: sandbox         # priority, job_group, container
 
-The only module of the package that imports Galaxy. Bulk by design: one status search per monitor cycle for all
-watched jobs. What finishing needs is persisted in the job working directory (``galaxy_dirac_state.json``) so a
-restarted Galaxy re-attaches every job (``recover``) without submitting anything twice.
+The job's bundle carries its own payload (:mod:`galaxy_dirac.payload`), so a real DIRAC site's pilots and JobWrapper
+run it as they are. A lapsed DiracX login holds submissions (jobs stay queued, their info says why) instead of
+failing them. The only module of the package that imports Galaxy. Bulk by design: one status search per monitor
+cycle for all watched jobs. What finishing needs is persisted in the job working directory
+(``galaxy_dirac_state.json``) so a restarted Galaxy re-attaches every job (``recover``) without submitting anything
+twice.
 """
 
 from __future__ import annotations
@@ -27,28 +33,28 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import shutil
+import threading
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from galaxy import model
 from galaxy.jobs.runners import AsynchronousJobRunner, AsynchronousJobState
 
 from galaxy_dirac import jdl as jdl_mod
-from galaxy_dirac import staging
-from galaxy_dirac.archive import safe_extract
-from galaxy_dirac.client import WMSClient, WMSError
+from galaxy_dirac import job_metrics, staging, states
+from galaxy_dirac.client import LoginExpired, WMSClient, WMSError
+from galaxy_dirac.credentials import CREDENTIALS_ENV, default_credentials_file
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DiracJobRunner"]
 
-QUEUED_STATES = {"Received", "Checking", "Staging", "Waiting", "Matched", "Rescheduled"}
-RUNNING_STATES = {"Running", "Completing", "Stalled"}
-DONE_STATES = {"Done", "Completed"}
-FAILED_STATES = {"Failed", "Killed", "Deleted"}
-#: DIRAC minor statuses of transfer failures to/from Galaxy, retried by rescheduling the DIRAC job.
-TRANSFER_FAILURES = ("Input staging failed", "Output staging failed")
+QUEUED_STATES = {states.RECEIVED, states.CHECKING, states.STAGING, states.WAITING, states.MATCHED, states.RESCHEDULED}
+RUNNING_STATES = {states.RUNNING, states.COMPLETING, states.STALLED}
+DONE_STATES = {states.DONE, states.COMPLETED}
+FAILED_STATES = {states.FAILED, states.KILLED, states.DELETED}
 MAX_TRANSFER_RETRIES = 3
 #: Cycles a job may be missing from the scheduler's answer before it is failed.
 MAX_MISSING_CYCLES = 10
@@ -68,6 +74,13 @@ def _env(name: str) -> Optional[str]:
     return os.environ.get(name) or None
 
 
+def _megabytes(value: Any) -> Optional[int]:
+    """A size in MB from a runner or destination parameter as bytes; empty, 0 or "none" means no limit."""
+    if value in (None, "") or str(value).strip().lower() in ("0", "none", "unlimited"):
+        return None
+    return int(float(value) * 1_000_000)
+
+
 def _list(value: Any) -> List[str]:
     if value is None or value == "":
         return []
@@ -83,6 +96,17 @@ class DiracJobState(AsynchronousJobState):
         self.dirac_row: Dict[str, Any] = {}
 
 
+@dataclass
+class _Pending:
+    """A built job not yet submitted (its DIRAC login lapsed): what a later submission attempt needs."""
+
+    job_state: DiracJobState
+    spec: staging.JobSpec
+    bundle: staging.Bundle
+    params: Dict[str, Any]
+    retry_at: float = 0.0
+
+
 class DiracJobRunner(AsynchronousJobRunner):
     runner_name = "DiracRunner"
 
@@ -91,30 +115,46 @@ class DiracJobRunner(AsynchronousJobRunner):
             scheduler_url=dict(map=str, default=_env("GALAXY_DIRAC_SCHEDULER_URL")),
             token=dict(map=str, default=_env("GALAXY_DIRAC_TOKEN")),
             token_file=dict(map=str, default=_env("GALAXY_DIRAC_TOKEN_FILE")),
+            # A DiracX login from `galaxy-dirac login` (access + refresh token), refreshed as it runs out.
+            credentials_file=dict(map=str, default=_env(CREDENTIALS_ENV)),
+            login_retry_interval=dict(map=float, valid=lambda x: float(x) > 0, default=60.0),
             galaxy_url=dict(map=str, default=_env("GALAXY_DIRAC_GALAXY_URL")),
             status_batch_size=dict(map=int, valid=lambda x: int(x) > 0, default=500),
             transport=dict(map=str, valid=lambda x: x in staging.TRANSPORTS, default="galaxy"),
             verify_ssl=dict(map=lambda x: str(x).lower() not in ("false", "0", "no"), default=True),
             job_name_prefix=dict(map=str, default="galaxy"),
+            # The target's sandbox limits in MB (DiracX: 100 MB per input sandbox; legacy DIRAC: 10 MB of output
+            # sandbox): a job that cannot fit is refused at submission, or fails on the node with a clear message.
+            input_sandbox_limit=dict(map=str, default=None),
+            output_sandbox_limit=dict(map=str, default=None),
         )
         kwargs["runner_param_specs"] = specs
         super().__init__(app, nworkers, **kwargs)
         url = self.runner_params["scheduler_url"]
         if not url:
             raise ValueError("DiracJobRunner needs scheduler_url (or GALAXY_DIRAC_SCHEDULER_URL)")
+        credentials = {k: self.runner_params[k] for k in ("token", "token_file", "credentials_file")}
+        if credentials["credentials_file"] and not kwargs.get("token") and not kwargs.get("token_file"):
+            credentials["token"] = credentials["token_file"] = None  # an explicit login wins over the environment
+        if not any(credentials.values()):
+            credentials["credentials_file"] = default_credentials_file()  # where `galaxy-dirac login` wrote it
         self.client = WMSClient(
             url,
-            self.runner_params["token"],
-            token_file=self.runner_params["token_file"],
+            credentials["token"],
+            token_file=credentials["token_file"],
+            credentials_file=credentials["credentials_file"],
             verify=self.runner_params["verify_ssl"],
         )
+        self._awaiting_login: List[_Pending] = []
+        self._awaiting_lock = threading.Lock()
+        self._login_logged_at = -float("inf")
 
     # -- submission ---------------------------------------------------------------------------------------------------
 
     def _galaxy_url(self) -> Optional[str]:
         return self.runner_params["galaxy_url"] or getattr(self.app.config, "galaxy_infrastructure_url", None)
 
-    def _spec(self, job_wrapper: Any, transport: str) -> staging.JobSpec:
+    def _spec(self, job_wrapper: Any, params: Dict[str, Any], transport: str, exit_code_file: str) -> staging.JobSpec:
         job = job_wrapper.get_job()
         work = os.path.abspath(job_wrapper.working_directory)
         inputs: List[str] = []
@@ -141,15 +181,20 @@ class DiracJobRunner(AsynchronousJobRunner):
             galaxy_url=self._galaxy_url(),
             encoded_job_id=self.app.security.encode_id(job.id),
             job_key=self.app.security.encode_id(job.id, kind="jobs_files"),
+            exit_code_file=os.path.abspath(exit_code_file),
+            processors=int(params["processors"]) if params.get("processors") else None,
+            memory_mb=int(params["memory"]) if params.get("memory") else None,
+            max_input_bytes=_megabytes(params.get("input_sandbox_limit", self.runner_params["input_sandbox_limit"])),
+            max_output_bytes=_megabytes(params.get("output_sandbox_limit", self.runner_params["output_sandbox_limit"])),
         )
 
-    def _jdl(self, job_wrapper: Any, params: Dict[str, Any], job_name: str, pfn: str, transport: str) -> str:
+    def _jdl(self, job_wrapper: Any, params: Dict[str, Any], job_name: str, pfn: str, bundle: staging.Bundle) -> str:
         attrs: Dict[str, Any] = {
             "Executable": staging.LAUNCHER,
             "JobName": job_name,
             "JobGroup": str(params.get("job_group") or f"galaxy-{job_wrapper.tool.id}")[:64],
             "InputSandbox": [pfn],
-            "OutputSandbox": list(staging.output_sandbox_patterns(transport)),
+            "OutputSandbox": list(bundle.output_sandbox),
             "StdOutput": staging.STDOUT,
             "StdError": staging.STDERR,
         }
@@ -187,38 +232,86 @@ class DiracJobRunner(AsynchronousJobRunner):
             exit_code_path = job_state.exit_code_file
             script = self.get_job_file(job_wrapper, exit_code_path=exit_code_path, shell=job_wrapper.shell)
             self.write_executable_script(job_state.job_file, script, job_io=job_wrapper.job_io)
-            spec = self._spec(job_wrapper, transport)
+            spec = self._spec(job_wrapper, params, transport, exit_code_path)
             bundle = staging.build_bundle(spec)
-            pfn = self.client.upload_sandbox(bundle.archive)
+        except staging.LimitError as exc:
+            log.info("(%s) refused before submission: %s", job_wrapper.get_id_tag(), exc)
+            job_wrapper.fail(f"This job cannot run on this DIRAC destination: {exc}")
+            return
+        except Exception as exc:
+            log.exception("(%s) building the DIRAC job failed", job_wrapper.get_id_tag())
+            job_wrapper.fail(f"Could not prepare the DIRAC job: {exc}", exception=True)
+            return
+        self._submit(_Pending(job_state, spec, bundle, params))
+
+    def _submit(self, pending: _Pending) -> None:
+        """Upload the bundle and submit the JDL; a lapsed DiracX login parks the job instead of failing it."""
+        job_state, job_wrapper = pending.job_state, pending.job_state.job_wrapper
+        spec = pending.spec
+        try:
+            pfn = self.client.upload_sandbox(pending.bundle.archive)
             job_name = f"{self.runner_params['job_name_prefix']}-{job_wrapper.job_id}-{uuid.uuid4().hex[:12]}"
-            text = self._jdl(job_wrapper, params, job_name, pfn, transport)
+            text = self._jdl(job_wrapper, pending.params, job_name, pfn, pending.bundle)
             state = {"job_name": job_name, "spec": staging.spec_to_dict(spec), "dirac_id": None}
             staging.save_state(spec.working_directory, state)
             dirac_id = str(self.client.submit([text])[0]["JobID"])
             state["dirac_id"] = dirac_id
             staging.save_state(spec.working_directory, state)
+        except LoginExpired as exc:
+            self._await_login(pending, exc)
+            return
         except Exception as exc:
             log.exception("(%s) DIRAC submission failed", job_wrapper.get_id_tag())
             job_wrapper.fail(
                 f"Submission to the DIRAC scheduler failed: {exc}", exception=not isinstance(exc, WMSError)
             )
             return
-        log.info("(%s) submitted as DIRAC job %s (%s)", job_wrapper.get_id_tag(), dirac_id, transport)
-        job_wrapper.set_job_destination(destination, dirac_id)
+        log.info("(%s) submitted as DIRAC job %s (%s)", job_wrapper.get_id_tag(), dirac_id, spec.transport)
+        job_wrapper.set_job_destination(job_state.job_destination, dirac_id)
         job_wrapper.change_state(model.Job.states.QUEUED)
         job_state.job_id = dirac_id
-        job_state.old_state = "Received"
+        job_state.old_state = states.RECEIVED
         self.monitor_queue.put(job_state)
+
+    def _await_login(self, pending: _Pending, exc: LoginExpired) -> None:
+        """Keep the job queued, say why in its info, and try again every ``login_retry_interval`` seconds."""
+        job_wrapper = pending.job_state.job_wrapper
+        self._login_problem(exc)
+        job_wrapper.change_state(model.Job.states.QUEUED, info=f"Waiting for a DIRAC login: {exc}")
+        pending.retry_at = time.monotonic() + self.runner_params["login_retry_interval"]
+        with self._awaiting_lock:
+            self._awaiting_login.append(pending)
+
+    def _login_problem(self, exc: LoginExpired) -> None:
+        """One error in Galaxy's log per retry interval, not one per job and monitor cycle."""
+        now = time.monotonic()
+        if now - self._login_logged_at >= self.runner_params["login_retry_interval"]:
+            self._login_logged_at = now
+            log.error("DIRAC login lapsed; submissions are held and status updates paused: %s", exc)
+
+    def _retry_awaiting_login(self) -> None:
+        now = time.monotonic()
+        with self._awaiting_lock:
+            due = [p for p in self._awaiting_login if p.retry_at <= now]
+            self._awaiting_login = [p for p in self._awaiting_login if p.retry_at > now]
+        for pending in due:
+            if pending.job_state.job_wrapper.get_state() in (model.Job.states.DELETED, model.Job.states.DELETING):
+                continue
+            self.work_queue.put((self._submit, pending))
 
     # -- monitoring ---------------------------------------------------------------------------------------------------
 
     def check_watched_items(self) -> None:
         """One search for every watched job (in batches of status_batch_size), then act on each."""
+        self._retry_awaiting_login()
         if not self.watched:
             return
         ids = [int(js.job_id) for js in self.watched if js.job_id]
         try:
             rows = self.client.statuses(ids, STATUS_PARAMETERS, batch=self.runner_params["status_batch_size"])
+        except LoginExpired as exc:  # keep everything watched until an admin logs in again
+            self._login_problem(exc)
+            return
         except Exception as exc:  # scheduler unreachable: keep everything watched, try again next cycle
             log.warning("DIRAC status query failed, will retry: %s", exc)
             return
@@ -274,7 +367,10 @@ class DiracJobRunner(AsynchronousJobRunner):
         DIRAC's own MaxRescheduling (3) bounds this; past it the job fails with that reason.
         """
         minor = str(row.get("MinorStatus") or "")
-        if not minor.startswith(TRANSFER_FAILURES):
+        if minor == states.APP_ERRORS:
+            # A DIRAC JobWrapper reports only that the payload failed; the payload said why on its stderr.
+            minor = _payload_failure(self._node_stderr(job_state)) or minor
+        if not minor.startswith(states.TRANSFER_FAILURES):
             return False
         if int(row.get("RescheduleCounter") or 0) >= MAX_TRANSFER_RETRIES:
             return False
@@ -291,29 +387,19 @@ class DiracJobRunner(AsynchronousJobRunner):
     # -- finishing ----------------------------------------------------------------------------------------------------
 
     def _fetch_results(self, job_state: DiracJobState, spec: staging.JobSpec) -> None:
-        work = spec.working_directory
-        if spec.transport == "galaxy":
-            pushed = os.path.join(work, staging.RESULTS_DIR + ".tar")
-            if os.path.isfile(pushed):
-                staging.restore_work(spec, pushed)
-                os.unlink(pushed)
-            return
-        results = os.path.join(work, staging.RESULTS_DIR)
-        shutil.rmtree(results, ignore_errors=True)
-        os.makedirs(results)
-        for n, blob in enumerate(self.client.download_output_sandboxes(int(str(job_state.job_id)))):
-            archive = os.path.join(work, f"{staging.RESULTS_DIR}-{n}.tar.bz2")
-            with open(archive, "wb") as stream:
-                stream.write(blob.getvalue())
-            safe_extract(archive, results)
-            os.unlink(archive)
-        staging.install_sandbox_outputs(spec, results)
-        shutil.rmtree(results, ignore_errors=True)
+        dirac_id = int(str(job_state.job_id))
+        staging.install_results(spec, lambda: self.client.download_output_sandboxes(dirac_id))
 
     def _dirac_metrics(self, job_state: DiracJobState) -> None:
+        """Where and how the job ran, as Galaxy job metrics of plugin ``dirac`` (titles: galaxy_dirac.job_metrics).
+
+        Site, times and reschedules come from the status search (Jobs columns in both the embedded scheduler and
+        DiracX 0.7); CE, queue, pilot, CPU and memory from the scheduler's view of the job (``consumption``).
+        """
         row = job_state.dirac_row or {}
         job = job_state.job_wrapper.get_job()
         try:
+            job_metrics.register(self.app)
             job.add_metric("dirac", "dirac_job_id", int(str(job_state.job_id)))
             if row.get("Site"):
                 job.add_metric("dirac", "site", str(row["Site"]))
@@ -321,9 +407,12 @@ class DiracJobRunner(AsynchronousJobRunner):
             if start and end:
                 wall = (_parse_time(end) - _parse_time(start)).total_seconds()
                 job.add_metric("dirac", "wall_clock_seconds", max(0.0, wall))
-            if row.get("RescheduleCounter"):
+            if row.get("RescheduleCounter") is not None:
                 job.add_metric("dirac", "reschedule_count", int(row["RescheduleCounter"]))
             used = self.client.consumption(int(str(job_state.job_id)))
+            for name, key in (("ce", "GridCE"), ("queue", "CEQueue"), ("pilot", "Pilot_Reference")):
+                if used.get(key):
+                    job.add_metric("dirac", name, str(used[key])[:1000])
             if "CPUConsumed" in used:
                 job.add_metric("dirac", "cpu_seconds", float(used["CPUConsumed"]))
             if "MaxMemoryUsed" in used:
@@ -425,6 +514,14 @@ class DiracJobRunner(AsynchronousJobRunner):
         job_state.old_state = "Running" if job_state.running else "Received"
         log.info("(%s/%s) recovered in state %s", job.id, external_id, galaxy_state)
         self.monitor_queue.put(job_state)
+
+
+def _payload_failure(stderr: str) -> Optional[str]:
+    """The payload's own failure (a minor status) from the last ``galaxy-dirac:`` line of the node's stderr."""
+    for line in reversed(stderr.splitlines()):
+        if line.startswith("galaxy-dirac: "):
+            return line[len("galaxy-dirac: ") :]
+    return None
 
 
 def _parse_time(value: Any) -> dt.datetime:

@@ -608,13 +608,16 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         else:
             row = jobs.get_job_row(engine, job_id, caller)
         attrs = {c: jobs._jsonable(getattr(row, c)) for c in jobs.JOB_COLUMNS}
+        stamps = pilots.stamps_of_job(engine, job_id)
         return json_response(
             {
                 **attrs,
                 "JDL": jobs.job_jdl(engine, job_id),
                 "History": jobs.history(engine, job_id),
                 "Parameters": jobs.parameters(engine, job_id),
-                "Pilots": pilots.stamps_of_job(engine, job_id),
+                "Pilots": stamps,
+                # Where it ran (CE, queue, pilot reference), as DiracX's pilot search gives a VO's users.
+                "PilotAgents": pilots.list_pilots(engine, stamps=stamps) if stamps else [],
                 "HeartBeat": jobs.heartbeat_summary(engine, job_id),
             }
         )
