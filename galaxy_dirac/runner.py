@@ -74,6 +74,11 @@ def _env(name: str) -> Optional[str]:
     return os.environ.get(name) or None
 
 
+def _integer(value: Any) -> Optional[int]:
+    """A whole number from a destination parameter; TPV templates give floats as text ("2.0")."""
+    return int(float(value)) if value not in (None, "") else None
+
+
 def _megabytes(value: Any) -> Optional[int]:
     """A size in MB from a runner or destination parameter as bytes; empty, 0 or "none" means no limit."""
     if value in (None, "") or str(value).strip().lower() in ("0", "none", "unlimited"):
@@ -145,6 +150,7 @@ class DiracJobRunner(AsynchronousJobRunner):
             credentials_file=credentials["credentials_file"],
             verify=self.runner_params["verify_ssl"],
         )
+        job_metrics.register(app)  # readable titles for the DIRAC metrics from the first job on
         self._awaiting_login: List[_Pending] = []
         self._awaiting_lock = threading.Lock()
         self._login_logged_at = -float("inf")
@@ -182,8 +188,8 @@ class DiracJobRunner(AsynchronousJobRunner):
             encoded_job_id=self.app.security.encode_id(job.id),
             job_key=self.app.security.encode_id(job.id, kind="jobs_files"),
             exit_code_file=os.path.abspath(exit_code_file),
-            processors=int(params["processors"]) if params.get("processors") else None,
-            memory_mb=int(params["memory"]) if params.get("memory") else None,
+            processors=_integer(params.get("processors")),
+            memory_mb=_integer(params.get("memory")),
             max_input_bytes=_megabytes(params.get("input_sandbox_limit", self.runner_params["input_sandbox_limit"])),
             max_output_bytes=_megabytes(params.get("output_sandbox_limit", self.runner_params["output_sandbox_limit"])),
         )
@@ -207,10 +213,10 @@ class DiracJobRunner(AsynchronousJobRunner):
         if params.get("platform"):
             attrs["Platform"] = str(params["platform"])
         if params.get("processors"):
-            attrs["NumberOfProcessors"] = int(params["processors"])
+            attrs["NumberOfProcessors"] = _integer(params["processors"])
         if params.get("memory"):
             # The slot must have it (MinRAM: matching) and the job must stay within it (MaxRAM: the watchdog).
-            attrs["MinRAM"] = attrs["MaxRAM"] = int(params["memory"])
+            attrs["MinRAM"] = attrs["MaxRAM"] = _integer(params["memory"])
         if params.get("cpu_time"):
             attrs["CPUTime"] = int(params["cpu_time"])
         if params.get("priority") not in (None, ""):
@@ -399,7 +405,6 @@ class DiracJobRunner(AsynchronousJobRunner):
         row = job_state.dirac_row or {}
         job = job_state.job_wrapper.get_job()
         try:
-            job_metrics.register(self.app)
             job.add_metric("dirac", "dirac_job_id", int(str(job_state.job_id)))
             if row.get("Site"):
                 job.add_metric("dirac", "site", str(row["Site"]))
