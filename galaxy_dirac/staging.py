@@ -50,6 +50,7 @@ __all__ = [
     "JobSpec",
     "LimitError",
     "PathMapper",
+    "ResultsMissing",
     "build_bundle",
     "install_results",
     "launcher_script",
@@ -72,6 +73,10 @@ SMALL_TOOL_DIR = (1 << 20, 64)
 
 class LimitError(ValueError):
     """The job cannot fit the target's limits (sandbox size); the message names the limit and what to do."""
+
+
+class ResultsMissing(RuntimeError):
+    """A Done DIRAC job whose results are not where its transport puts them: Galaxy must not call it ok."""
 
 
 @dataclass
@@ -303,7 +308,7 @@ class GalaxyTransport(Transport):
         """The outputs are in place already; the work archive the payload pushed must be there, or nothing is."""
         pushed = _pushed_work_tar(spec)
         if not os.path.isfile(pushed):
-            raise LimitError(
+            raise ResultsMissing(
                 "the job's results never reached Galaxy (no pushed work archive): the worker node could not reach "
                 "Galaxy's job files API, or the job ran on a node without the payload"
             )
@@ -347,7 +352,7 @@ class SandboxTransport(Transport):
             # Whoever tarred the output sandbox (our pilot, a DIRAC JobWrapper) may have kept its own path prefix.
             found = sorted(_find(unpacked, RESULTS), key=len)
             if not found:
-                raise LimitError(f"the output sandbox holds no {RESULTS}: the payload did not finish on the node")
+                raise ResultsMissing(f"the output sandbox holds no {RESULTS}: the payload did not finish on the node")
             results = os.path.join(unpacked, "results")
             safe_extract(found[0], results, max_total_bytes=limit)
             return install_sandbox_outputs(spec, results)

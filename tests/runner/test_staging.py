@@ -241,3 +241,16 @@ def test_only_the_tool_files_the_job_names_travel_from_a_big_shared_directory(tm
     Path(spec.job_script).write_text(f"#!/bin/sh\ncd {tools} && ./mine.py\n")  # names the directory itself
     with tarfile.open(staging.build_bundle(spec).archive) as tf:
         assert len([m for m in tf.getmembers() if m.isfile() and m.name.startswith("tool/")]) == 103
+
+
+def test_a_done_job_without_its_results_is_never_taken_for_a_success(tmp_path: Path) -> None:
+    """Transport galaxy: no pushed work archive; sandbox: an output sandbox without the results archive."""
+    spec = _spec(tmp_path)
+    with pytest.raises(staging.ResultsMissing, match="never reached Galaxy"):
+        staging.install_results(spec, lambda: [])
+    spec.transport = "sandbox"
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / staging.STDERR).write_text("galaxy-dirac: Galaxy job payload error: boom\n")
+    with pytest.raises(staging.ResultsMissing, match="holds no galaxy_dirac_results.tar"):
+        staging.install_results(spec, lambda: [_sandbox_of(node, [staging.STDERR])])
