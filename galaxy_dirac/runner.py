@@ -18,7 +18,8 @@
         dirac:
           runner: dirac
           site: LCG.CERN.ch          # also banned_sites, tags, processors, memory (MB), cpu_time (s), platform,
-          transport: sandbox         # priority, job_group, container
+          transport: sandbox         # priority, job_group, container (an image for tools without one)
+          # docker_enabled / singularity_enabled and Galaxy's other container settings: galaxy_dirac.containers
 
 The job's bundle carries its own payload (:mod:`galaxy_dirac.payload`), so a real DIRAC site's pilots and JobWrapper
 run it as they are. A lapsed DiracX login holds submissions (jobs stay queued, their info says why) instead of
@@ -42,8 +43,8 @@ from typing import Any, Dict, List, Optional
 from galaxy import model
 from galaxy.jobs.runners import AsynchronousJobRunner, AsynchronousJobState
 
+from galaxy_dirac import containers, job_metrics, staging, states
 from galaxy_dirac import jdl as jdl_mod
-from galaxy_dirac import job_metrics, staging, states
 from galaxy_dirac.client import LoginExpired, WMSClient, WMSError
 from galaxy_dirac.credentials import CREDENTIALS_ENV, default_credentials_file
 
@@ -122,7 +123,9 @@ class DiracJobRunner(AsynchronousJobRunner):
             token_file=dict(map=str, default=_env("GALAXY_DIRAC_TOKEN_FILE")),
             # A DiracX login from `galaxy-dirac login` (access + refresh token), refreshed as it runs out.
             credentials_file=dict(map=str, default=_env(CREDENTIALS_ENV)),
-            login_retry_interval=dict(map=float, valid=lambda x: float(x) > 0, default=60.0),
+            login_retry_interval=dict(
+                map=float, valid=lambda x: float(x) > 0, default=_env("GALAXY_DIRAC_LOGIN_RETRY_INTERVAL") or 60.0
+            ),
             galaxy_url=dict(map=str, default=_env("GALAXY_DIRAC_GALAXY_URL")),
             status_batch_size=dict(map=int, valid=lambda x: int(x) > 0, default=500),
             transport=dict(map=str, valid=lambda x: x in staging.TRANSPORTS, default="galaxy"),
@@ -221,11 +224,15 @@ class DiracJobRunner(AsynchronousJobRunner):
             attrs["CPUTime"] = int(params["cpu_time"])
         if params.get("priority") not in (None, ""):
             attrs["Priority"] = int(params["priority"])
-        container = params.get("container")
-        if container:
-            attrs.setdefault("Tags", []).append("singularity" if "://" in str(container) else "docker")
-            attrs["ExecutionEnvironment"] = [f"GALAXY_DIRAC_CONTAINER={container}"]
+        runtime = containers.runtime_tag(params)  # only a slot offering the container runtime may take the job
+        if runtime and runtime not in attrs.get("Tags", []):
+            attrs.setdefault("Tags", []).append(runtime)
         return jdl_mod.render(attrs)
+
+    def _find_container(self, job_wrapper: Any, *args: Any, **kwargs: Any) -> Any:
+        """Galaxy's own container lookup, on a destination whose volumes and image name the node's job directory."""
+        containers.prepare_destination(job_wrapper.job_destination.params)
+        return super()._find_container(job_wrapper, *args, **kwargs)
 
     def queue_job(self, job_wrapper: Any) -> None:
         if not self.prepare_job(job_wrapper, include_metadata=False, include_work_dir_outputs=True):

@@ -34,8 +34,6 @@ log = logging.getLogger("galaxy_dirac.payload")
 #: JDL's NumberOfProcessors as granted); DIRAC 9's DIRAC_PROCESSORS is always 1 and is not read. (Galaxy's job script
 #: itself prefers a batch system's own figure, e.g. SLURM_CPUS_ON_NODE, over GALAXY_SLOTS.)
 PROCESSOR_VARIABLES = ("DIRAC_JOB_PROCESSORS",)
-#: Where a slot says how much memory (MB) the job may use; otherwise the job's own MaxRAM from the bundle.
-MEMORY_VARIABLES = ("DIRAC_MAX_RAM", "DIRAC_JOB_MAX_RAM")
 
 
 class PayloadFailure(Exception):
@@ -59,9 +57,9 @@ def _positive_int(value: Any) -> Optional[int]:
 
 
 def slot_environment(environ: Mapping[str, str], config: Mapping[str, Any]) -> Dict[str, str]:
-    """The job script's environment: the node's, with ``GALAXY_SLOTS`` and ``GALAXY_MEMORY_MB`` from the slot.
+    """The job script's environment: the node's, with ``GALAXY_SLOTS`` (the slot's) and ``GALAXY_MEMORY_MB``.
 
-    The slot's own figure wins over the request in the bundle: a site may give more cores than asked for (a whole-node
+    The slot's core count wins over the request in the bundle: a site may give more than asked for (a whole-node
     slot) and Galaxy's tools should use them, as on Galaxy's own cluster runners.
     """
     env = dict(environ)
@@ -70,8 +68,7 @@ def slot_environment(environ: Mapping[str, str], config: Mapping[str, Any]) -> D
         slots = os.cpu_count()
     slots = slots or _positive_int(config.get("processors")) or 1
     env["GALAXY_SLOTS"] = str(slots)
-    memory = next((n for n in (_positive_int(environ.get(v)) for v in MEMORY_VARIABLES) if n), None)
-    memory = memory or _positive_int(config.get("memory_mb"))
+    memory = _positive_int(config.get("memory_mb"))  # DIRAC puts no memory figure in the environment: the request
     if memory:
         env["GALAXY_MEMORY_MB"] = str(memory)
     return env
