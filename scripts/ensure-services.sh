@@ -16,6 +16,23 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "warning: could not install chromium" >&2
 fi
+# Build dependencies of the DIRAC side venv (tests/sidevenvs.py): M2Crypto needs swig + OpenSSL headers,
+# mysqlclient the MariaDB client headers and pkg-config.
+dirac_debs="swig libssl-dev libmariadb-dev pkg-config"
+# shellcheck disable=SC2086
+if ! dpkg -s $dirac_debs >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  # shellcheck disable=SC2086
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $dirac_debs >/dev/null) \
+    || echo "warning: could not install $dirac_debs (the DIRAC side venv will not build)" >&2
+fi
+# Podman (with runc) and busybox-static for the container tests (tests/runner/test_containers.py).
+container_debs="podman runc busybox-static"
+# shellcheck disable=SC2086
+if ! dpkg -s $container_debs >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  # shellcheck disable=SC2086
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $container_debs >/dev/null) \
+    || echo "warning: could not install $container_debs (the container tests will be skipped)" >&2
+fi
 port_open 5432 || echo "warning: PostgreSQL is not answering on 127.0.0.1:5432" >&2
 port_open 3306 || echo "warning: MariaDB is not answering on 127.0.0.1:3306" >&2
 exit 0

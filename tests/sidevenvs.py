@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 #: The DiracX 0.7 server, its official client and moto (S3 for the sandbox store), for tests/contract.
 DIRACX_VERSION = "0.7.0"
@@ -40,10 +40,36 @@ GALAXY_REQUIREMENTS: List[str] = [
     f"galaxy-app=={GALAXY_VERSION}",
     f"galaxy-web-apps=={GALAXY_VERSION}",
     "requests",
+    "total-perspective-vortex==3.3.*",  # TPV job routing, as usegalaxy.* do (tests/runner/test_tpv.py)
+]
+
+#: DIRAC itself (its JobWrapper, for tests/dirac_node), installed with --no-deps: its metadata requires
+#: gfal2-python, which has no wheel and needs the gfal2 C library; nothing on the JobWrapper path imports it.
+DIRAC_VERSION = "9.1.22"
+DIRAC_NO_DEPS: List[str] = [f"DIRAC=={DIRAC_VERSION}"]
+#: DIRAC 9.1.22's own Requires-Dist (no extras) minus gfal2-python, with diracx pinned to the DiracX we test
+#: against; plus mysqlclient and opensearch-py, which DIRAC's JobAgent utilities (createJobWrapper, which writes
+#: the real JobWrapperTemplate) import through the JobDB.
+#: M2Crypto and mysqlclient build from source: Debian's swig + libssl-dev and libmariadb-dev + pkg-config
+#: (scripts/ensure-services.sh installs them).
+DIRAC_REQUIREMENTS: List[str] = [
+    "boto3>=1.35", "botocore>=1.35", "cachetools", "certifi", "cwltool", "diraccfg",
+    f"DIRACCommon=={DIRAC_VERSION}", f"diracx-client=={DIRACX_VERSION}", f"diracx-core=={DIRACX_VERSION}",
+    f"diracx-cli=={DIRACX_VERSION}", "db12", "fabric", "fts3", "importlib_metadata>=4.4", "importlib_resources",
+    "invoke", "M2Crypto>=0.50", "packaging", "paramiko", "pexpect", "prompt-toolkit>=3", "psutil", "pyasn1",
+    "pyasn1-modules", "pydantic>=2.4", "pyparsing", "python-dateutil", "pytz", "requests", "rucio-clients>=34.4.2",
+    "sqlalchemy", "typing_extensions>=4.3.0", "Authlib>=1.0.0.a2", "pyjwt", "dominate", "zstandard", "xattr",
+    "mysqlclient", "opensearch-py",
 ]
 
 #: Known side venvs by name, for the command line.
-KNOWN: Dict[str, List[str]] = {"diracx": DIRACX_REQUIREMENTS, "galaxy": GALAXY_REQUIREMENTS}
+KNOWN: Dict[str, List[str]] = {
+    "diracx": DIRACX_REQUIREMENTS,
+    "galaxy": GALAXY_REQUIREMENTS,
+    "dirac": DIRAC_REQUIREMENTS,
+}
+#: Packages a known venv installs with --no-deps after its requirements (part of its cache key).
+NO_DEPS: Dict[str, List[str]] = {"dirac": DIRAC_NO_DEPS}
 
 
 def _openstack_requirements() -> List[str]:
@@ -66,9 +92,11 @@ def venvs_root() -> pathlib.Path:
     return pathlib.Path("~/.cache/galaxy-dirac/venvs").expanduser()
 
 
-def _requirements_hash(requirements: List[str], python: str) -> str:
+def _requirements_hash(requirements: List[str], python: str, no_deps: Sequence[str] = ()) -> str:
     """Short, stable hash so a changed requirement list (or interpreter) gets a fresh venv."""
     text = "\n".join(sorted(requirements)) + "\n" + os.path.realpath(python)
+    if no_deps:  # only when present, so the venvs built before no_deps existed keep their names
+        text += "\n--no-deps " + " ".join(sorted(no_deps))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -104,13 +132,17 @@ def _run(cmd: List[str]) -> None:
         raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-8000:]}")
 
 
-def ensure_venv(name: str, requirements: List[str], python: str = sys.executable) -> pathlib.Path:
-    """Return a venv with `requirements` installed, building it on first use.
+def ensure_venv(
+    name: str, requirements: List[str], python: str = sys.executable, no_deps: Sequence[str] = ()
+) -> pathlib.Path:
+    """Return a venv with `requirements` installed (then `no_deps` without their dependencies), built on first use.
 
-    The marker file is written only after a successful install, so an interrupted build is redone from scratch.
+    The two-step install is for packages whose declared dependencies cannot all be installed (DIRAC's
+    gfal2-python): `requirements` lists what they really need. The marker file is written only after a
+    successful install, so an interrupted build is redone from scratch.
     """
     root = venvs_root()
-    venv = root / f"{name}-{_requirements_hash(requirements, python)}"
+    venv = root / f"{name}-{_requirements_hash(requirements, python, no_deps)}"
     marker = venv / MARKER
     if marker.is_file():
         return venv
@@ -123,14 +155,21 @@ def ensure_venv(name: str, requirements: List[str], python: str = sys.executable
         started = time.monotonic()
         if uv:
             _run([uv, "venv", "--quiet", "--python", python, str(venv)])
-            _run([uv, "pip", "install", "--quiet", "--python", str(venv_python(venv)), *requirements])
+            install = [uv, "pip", "install", "--quiet", "--python", str(venv_python(venv))]
         else:
             _run([python, "-m", "venv", str(venv)])
-            _run([str(venv_python(venv)), "-m", "pip", "install", "--quiet", *requirements])
-        marker.write_text(
-            "\n".join(requirements) + f"\n# built in {time.monotonic() - started:.1f}s with {uv or 'pip'}\n"
-        )
+            install = [str(venv_python(venv)), "-m", "pip", "install", "--quiet"]
+        _run([*install, *requirements])
+        if no_deps:
+            _run([*install, "--no-deps", *no_deps])
+        listed = [*requirements, *(f"--no-deps {req}" for req in no_deps)]
+        marker.write_text("\n".join(listed) + f"\n# built in {time.monotonic() - started:.1f}s with {uv or 'pip'}\n")
     return venv
+
+
+def ensure_known(name: str) -> pathlib.Path:
+    """The KNOWN side venv `name` (with its --no-deps packages), built on first use."""
+    return ensure_venv(name, KNOWN[name], no_deps=NO_DEPS.get(name, ()))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -140,7 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     for name in args.names:
         started = time.monotonic()
-        venv = ensure_venv(name, KNOWN[name])
+        venv = ensure_known(name)
         print(f"{name}: {venv} ({time.monotonic() - started:.1f}s)")
     return 0
 
