@@ -247,7 +247,7 @@ class DiracJobRunner(AsynchronousJobRunner):
             self.write_executable_script(job_state.job_file, script, job_io=job_wrapper.job_io)
             spec = self._spec(job_wrapper, params, transport, exit_code_path)
             bundle = staging.build_bundle(spec)
-        except staging.LimitError as exc:
+        except staging.BundleError as exc:
             log.info("(%s) refused before submission: %s", job_wrapper.get_id_tag(), exc)
             job_wrapper.fail(f"This job cannot run on this DIRAC destination: {exc}")
             return

@@ -48,6 +48,8 @@ __all__ = [
     "WORK_TAR",
     "Bundle",
     "JobSpec",
+    "BundleError",
+    "InputMissing",
     "LimitError",
     "PathMapper",
     "ResultsMissing",
@@ -71,8 +73,16 @@ MAX_TOOL_DIR_BYTES = 16 << 20
 SMALL_TOOL_DIR = (1 << 20, 64)
 
 
-class LimitError(ValueError):
+class BundleError(ValueError):
+    """The job cannot be sent as it is; the message, shown to the Galaxy user, says why and what to do."""
+
+
+class LimitError(BundleError):
     """The job cannot fit the target's limits (sandbox size); the message names the limit and what to do."""
+
+
+class InputMissing(BundleError):
+    """An input dataset has no file on the Galaxy host (purged, or deferred and not materialised)."""
 
 
 class ResultsMissing(RuntimeError):
@@ -294,9 +304,7 @@ class GalaxyTransport(Transport):
             raise ValueError("transport 'galaxy' needs galaxy_url, encoded job id and job key")
 
     def add_input(self, spec: JobSpec, root: str, config: Dict[str, list], galaxy_path: str, rel: str) -> None:
-        entry: Dict[str, object] = {"url": files_api_url(spec, galaxy_path), "path": rel}
-        if os.path.exists(galaxy_path):
-            entry["size"] = os.path.getsize(galaxy_path)
+        entry = {"url": files_api_url(spec, galaxy_path), "path": rel, "size": os.path.getsize(galaxy_path)}
         config["inputs"].append(entry)
 
     def add_outputs(self, spec: JobSpec, mapper: PathMapper, config: Dict[str, object]) -> None:
@@ -325,8 +333,7 @@ class SandboxTransport(Transport):
     def add_input(self, spec: JobSpec, root: str, config: Dict[str, list], galaxy_path: str, rel: str) -> None:
         dest = os.path.join(root, rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        if os.path.exists(galaxy_path):
-            shutil.copyfile(galaxy_path, dest)
+        shutil.copyfile(galaxy_path, dest)
 
     def add_outputs(self, spec: JobSpec, mapper: PathMapper, config: Dict[str, object]) -> None:
         config["output_files"] = [str(mapper.relative(p)) for p in _unique_paths(spec.outputs)]
@@ -405,6 +412,13 @@ def build_bundle(spec: JobSpec) -> Bundle:
 
     config: Dict[str, list] = {"inputs": [], "outputs": []}
     input_files: List[Tuple[str, str]] = [(path, mapper.files[path]) for path in _unique_paths(spec.inputs)]
+    missing = [path for path, _rel in input_files if not os.path.isfile(path)]
+    if missing:
+        shutil.rmtree(root, ignore_errors=True)
+        raise InputMissing(
+            f"{len(missing)} input dataset(s) have no data on the Galaxy server (purged, or deferred and not "
+            f"materialised): {', '.join(os.path.basename(p) for p in missing[:5])}"
+        )
     for folder in _unique_paths(spec.input_extra_dirs):
         for dirpath, _dirs, files in os.walk(folder):
             for name in sorted(files):

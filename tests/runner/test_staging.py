@@ -254,3 +254,11 @@ def test_a_done_job_without_its_results_is_never_taken_for_a_success(tmp_path: P
     (node / staging.STDERR).write_text("galaxy-dirac: Galaxy job payload error: boom\n")
     with pytest.raises(staging.ResultsMissing, match="holds no galaxy_dirac_results.tar"):
         staging.install_results(spec, lambda: [_sandbox_of(node, [staging.STDERR])])
+
+
+def test_a_purged_input_is_a_clear_error_before_submission(tmp_path: Path) -> None:
+    for transport in staging.TRANSPORTS:
+        spec = _spec(tmp_path / transport, transport=transport)
+        Path(spec.inputs[0]).unlink()
+        with pytest.raises(staging.InputMissing, match=r"1 input dataset\(s\) have no data.*dataset_1\.dat"):
+            staging.build_bundle(spec)
