@@ -123,8 +123,9 @@ class DiracJobRunner(AsynchronousJobRunner):
             token_file=dict(map=str, default=_env("GALAXY_DIRAC_TOKEN_FILE")),
             # A DiracX login from `galaxy-dirac login` (access + refresh token), refreshed as it runs out.
             credentials_file=dict(map=str, default=_env(CREDENTIALS_ENV)),
+            # Galaxy hands a default over without ``map``: it must already have the right type.
             login_retry_interval=dict(
-                map=float, valid=lambda x: float(x) > 0, default=_env("GALAXY_DIRAC_LOGIN_RETRY_INTERVAL") or 60.0
+                map=float, valid=lambda x: float(x) > 0, default=float(_env("GALAXY_DIRAC_LOGIN_RETRY_INTERVAL") or 60)
             ),
             galaxy_url=dict(map=str, default=_env("GALAXY_DIRAC_GALAXY_URL")),
             status_batch_size=dict(map=int, valid=lambda x: int(x) > 0, default=500),

@@ -2,15 +2,65 @@
 
 DIRAC matches a job to a pilot by comparing the job's task-queue requirements with what the pilot says its slot offers:
 CPU time left, site, CE, platform, RAM and tags. Processor counts travel as tags (``1Processors`` … ``NProcessors``
-plus ``MultiProcessor``) so that a job asking for N cores only matches a pilot with at least N free.
+plus ``MultiProcessor``) so that a job asking for N cores only matches a pilot with at least N free. Container
+runtimes travel as tags too (``docker``, ``podman``, ``singularity``, ``apptainer``, as DIRAC sites advertise them):
+the pilot offers those that work on its node, so a Galaxy job that runs its tool in a container only lands where it can.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import shutil
+import subprocess
 import time
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+#: Each runtime's tag and the commands that must succeed for the pilot to offer it: installed is not enough (a
+#: Docker client without a daemon, a Podman whose storage or cgroups are unusable fail only when a job runs).
+RUNTIME_CHECKS: Dict[str, Sequence[Sequence[str]]] = {
+    "podman": (("podman", "--version"), ("podman", "info")),
+    "docker": (("docker", "--version"), ("docker", "info")),
+    "apptainer": (("apptainer", "--version"),),
+    "singularity": (("singularity", "--version"),),
+}
+#: ``auto`` (default: detect), ``none`` / empty (offer none), or a comma list to offer without checking.
+RUNTIMES_ENV = "GALAXY_DIRAC_PILOT_CONTAINER_RUNTIMES"
+
+
+def _succeeds(argv: Sequence[str], environ: Mapping[str, str], timeout: float) -> bool:
+    try:
+        done = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(environ),
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def detect_container_runtimes(environ: Optional[Mapping[str, str]] = None, timeout: float = 30.0) -> List[str]:
+    """Tags of the container runtimes usable on this node (their commands on PATH answer), in a fixed order."""
+    env = os.environ if environ is None else environ
+    choice = str(env.get(RUNTIMES_ENV, "auto")).strip().lower()
+    if choice != "auto":
+        return [t.strip() for t in choice.split(",") if t.strip() and t.strip() != "none"]
+    key = tuple(sorted(env.items()))
+    if key not in _DETECTED:  # once per process and environment: `podman info` takes a second
+        _DETECTED[key] = [
+            tag
+            for tag, checks in RUNTIME_CHECKS.items()
+            if shutil.which(checks[0][0], path=env.get("PATH")) and all(_succeeds(c, env, timeout) for c in checks)
+        ]
+    return list(_DETECTED[key])
+
+
+_DETECTED: Dict[tuple, List[str]] = {}
 
 
 def processor_tags(processors: int) -> List[str]:
@@ -81,6 +131,7 @@ class Slot:
         queue: str = "",
         platform: Optional[str] = None,
         tags: Iterable[str] = (),
+        runtimes: Optional[Iterable[str]] = None,
         processors: Optional[int] = None,
         memory_mb: Optional[int] = None,
         cpu_time: Optional[float] = None,
@@ -92,6 +143,9 @@ class Slot:
         self.queue = queue
         self.platform = platform or detect_platform()
         self.tags = [t for t in tags if t]
+        #: Container runtimes offered as tags besides the configured ones (None: detect them on this node).
+        self.runtimes = list(detect_container_runtimes() if runtimes is None else runtimes)
+        self.tags += [t for t in self.runtimes if t not in self.tags]
         self.processors = processors or detect_processors()
         self.memory_mb = memory_mb or detect_memory_mb()
         #: Seconds the slot lives (the batch system's limit); the pilot only takes jobs that fit in what is left.

@@ -11,6 +11,7 @@ import time
 
 from galaxy_dirac.archive import create_archive, safe_extract
 from galaxy_dirac.pilot.pilot import Pilot, parse_args
+from galaxy_dirac.pilot.slot import detect_container_runtimes
 
 PROTOCOL_SEQUENCE = [
     ("Running", "Job Initialization"),
@@ -200,7 +201,7 @@ def test_two_single_core_jobs_share_a_two_core_pilot(fake_scheduler, tmp_path):
     spans = [tuple(float((tmp_path / f"m{j}.{e}").read_text()) for e in ("start", "end")) for j in (10, 11)]
     assert max(s for s, _ in spans) < min(e for _, e in spans), "jobs did not overlap"
     assert app.match_requests[1]["NumberOfProcessors"] == 1
-    assert app.match_requests[1]["Tags"] == ["1Processors"]
+    assert app.match_requests[1]["Tags"] == detect_container_runtimes() + ["1Processors"]  # and the node's runtimes
 
 
 def test_empty_pilot_reports_no_match(fake_scheduler, tmp_path):

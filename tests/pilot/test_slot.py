@@ -19,6 +19,7 @@ def test_describe_offers_free_cores_memory_and_time_left():
         queue="long",
         platform="Linux_x86_64_glibc-2.36",
         tags=["GPU", ""],
+        runtimes=(),
         processors=4,
         memory_mb=8000,
         cpu_time=3600,

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -23,9 +23,17 @@ TIMINGS: Dict[str, float] = {}
 
 
 class Pilot:
-    """A real pilot process (``python -m galaxy_dirac.pilot``) serving Local.test."""
+    """A real pilot process (``python -m galaxy_dirac.pilot``) serving Local.test (or ``site``; ``env`` added)."""
 
-    def __init__(self, wms: WMSServer, token: str, workdir: Path, processors: int = 2) -> None:
+    def __init__(
+        self,
+        wms: WMSServer,
+        token: str,
+        workdir: Path,
+        processors: int = 2,
+        site: str = "Local.test",
+        env: Optional[Dict[str, str]] = None,
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "pilot.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -39,7 +47,7 @@ class Pilot:
                 "--token",
                 token,
                 "--site",
-                "Local.test",
+                site,
                 "--processors",
                 str(processors),
                 "--heartbeat-interval",
@@ -58,6 +66,7 @@ class Pilot:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
 
     def stop(self) -> None:
