@@ -100,6 +100,8 @@ class DiracJobState(AsynchronousJobState):
         super().__init__(job_wrapper, job_destination, files_dir=job_wrapper.working_directory, job_id=dirac_id)
         self.missing_cycles = 0
         self.dirac_row: Dict[str, Any] = {}
+        self.needs = ""  # what a slot must offer, for the job's info while it waits
+        self.shown = ""  # the DIRAC status last written to the job's info
 
 
 @dataclass
@@ -266,7 +268,9 @@ class DiracJobRunner(AsynchronousJobRunner):
             pfn = self.client.upload_sandbox(pending.bundle.archive)
             job_name = f"{self.runner_params['job_name_prefix']}-{job_wrapper.job_id}-{uuid.uuid4().hex[:12]}"
             text = self._jdl(job_wrapper, pending.params, job_name, pfn, pending.bundle)
+            job_state.needs = _needs(jdl_mod.parse(text))
             state = {"job_name": job_name, "spec": staging.spec_to_dict(spec), "dirac_id": None}
+            state["needs"] = job_state.needs
             staging.save_state(spec.working_directory, state)
             dirac_id = str(self.client.submit([text])[0]["JobID"])
             state["dirac_id"] = dirac_id
@@ -291,7 +295,8 @@ class DiracJobRunner(AsynchronousJobRunner):
         """Keep the job queued, say why in its info, and try again every ``login_retry_interval`` seconds."""
         job_wrapper = pending.job_state.job_wrapper
         self._login_problem(exc)
-        job_wrapper.change_state(model.Job.states.QUEUED, info=f"Waiting for a DIRAC login: {exc}")
+        job_wrapper.change_state(model.Job.states.QUEUED)
+        self._show_info(job_wrapper, f"Waiting for a DIRAC login: {exc}")
         pending.retry_at = time.monotonic() + self.runner_params["login_retry_interval"]
         with self._awaiting_lock:
             self._awaiting_login.append(pending)
@@ -357,6 +362,8 @@ class DiracJobRunner(AsynchronousJobRunner):
         if status != job_state.old_state:
             log.debug("(%s) DIRAC status %s / %s", job_state.job_id, status, row.get("MinorStatus"))
         job_state.old_state = status
+        if status in QUEUED_STATES:
+            self._show_queued(job_state, row)
         if status in RUNNING_STATES:
             if not job_state.running:
                 job_state.running = True
@@ -374,6 +381,30 @@ class DiracJobRunner(AsynchronousJobRunner):
             self.mark_as_failed(job_state)
             return None
         return job_state  # queued states and anything unknown: wait
+
+    def _show_queued(self, job_state: DiracJobState, row: Dict[str, Any]) -> None:
+        """Say in the job's info where it stands in DIRAC and, while it waits, what kind of slot it waits for."""
+        text = f"DIRAC job {job_state.job_id}: {row.get('Status')}"
+        if row.get("MinorStatus"):
+            text += f" / {row['MinorStatus']}"
+        if row.get("Status") == states.WAITING and job_state.needs:
+            text += f"; waiting for a pilot that offers {job_state.needs}"
+        if text != job_state.shown:
+            job_state.shown = text
+            self._show_info(job_state.job_wrapper, text)
+
+    def _show_info(self, job_wrapper: Any, text: str) -> None:
+        """Put ``text`` in the job's info and its outputs' (what the user sees on a queued dataset).
+
+        Galaxy copies a job's info to its outputs only on a state change; a queued job stays queued.
+        """
+        job = job_wrapper.get_job()
+        job.info = text
+        for assoc in list(job.output_datasets) + list(job.output_library_datasets):
+            assoc.dataset.info = text
+            self.sa_session.add(assoc.dataset)
+        self.sa_session.add(job)
+        self.sa_session.commit()
 
     def _retry_transfer_failure(self, job_state: DiracJobState, row: Dict[str, Any]) -> bool:
         """Data transfer to or from Galaxy failed (e.g. Galaxy was restarting): run the DIRAC job again.
@@ -521,12 +552,29 @@ class DiracJobRunner(AsynchronousJobRunner):
             self.work_queue.put((self.queue_job, job_wrapper))
             return
         job_state = DiracJobState(job_wrapper, job_wrapper.job_destination, external_id)
+        job_state.needs = str((staging.load_state(job_wrapper.working_directory) or {}).get("needs") or "")
         job_wrapper.command_line = job.get_command_line()
         galaxy_state = job.get_state()
         job_state.running = galaxy_state == model.Job.states.RUNNING
         job_state.old_state = "Running" if job_state.running else "Received"
         log.info("(%s/%s) recovered in state %s", job.id, external_id, galaxy_state)
         self.monitor_queue.put(job_state)
+
+
+def _needs(attrs: Dict[str, Any]) -> str:
+    """What a slot must offer to match a JDL, in words (site, tags, cores, memory)."""
+    parts = []
+    for name, label in (("Site", "site"), ("Tags", "tags")):
+        values = _list(jdl_mod.lookup(attrs, name))
+        if values:
+            parts.append(f"{label} {', '.join(values)}")
+    processors = jdl_mod.lookup(attrs, "NumberOfProcessors")
+    if processors and int(processors) > 1:
+        parts.append(f"{int(processors)} processors")
+    memory = jdl_mod.lookup(attrs, "MinRAM")
+    if memory:
+        parts.append(f"{int(memory)} MB of memory")
+    return "; ".join(parts)
 
 
 def _payload_failure(stderr: str) -> Optional[str]:

@@ -263,6 +263,10 @@ def test_no_slot_without_the_runtime_takes_a_container_job(stack: Dict, submitte
     assert [row["Status"] for row in status] == ["Waiting"], status
     tags = jdl.lookup(_received_jdl(stack, job["external_id"]), "Tags")
     assert "podman" in ([tags] if isinstance(tags, str) else tags)
+    # What the user sees on the queued dataset: where the job stands in DIRAC and the slot it waits for.
+    info = galaxy.api("GET", f"datasets/{job['outputs']['out_file1']['id']}")["misc_info"]
+    assert info.startswith(f"DIRAC job {job['external_id']}: Waiting"), info
+    assert "waiting for a pilot that offers" in info and "podman" in info, info
     galaxy.api("DELETE", f"jobs/{waiting}")
 
 
