@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import requests
+import yaml
 
 from tests.conftest import free_port, stop_process_group
 from tests.sidevenvs import GALAXY_REQUIREMENTS, ensure_venv
@@ -31,8 +32,12 @@ def galaxy_venv() -> Path:
 class GalaxyServer:
     """``galaxy-web`` on a free port, with a fresh SQLite database under ``home``."""
 
-    def __init__(self, home: Path, env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(
+        self, home: Path, env: Optional[Dict[str, str]] = None, config: Optional[Dict[str, Any]] = None
+    ) -> None:
+        """``config`` overrides keys of the ``galaxy:`` section (e.g. another tool_config_file or job_config_file)."""
         self.home = home
+        self.config_overrides = dict(config or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.venv = galaxy_venv()
@@ -61,6 +66,10 @@ class GalaxyServer:
                 id_secret="galaxy-dirac-tests-id-secret",
             )
         )
+        if self.config_overrides:
+            parsed = yaml.safe_load(config)
+            parsed["galaxy"].update(self.config_overrides)
+            config = yaml.safe_dump(parsed, sort_keys=False)
         (data / "config" / "tool_sheds_conf.xml").write_text("<tool_sheds></tool_sheds>\n")
         self.config_path = self.home / "galaxy.yml"
         self.config_path.write_text(config)

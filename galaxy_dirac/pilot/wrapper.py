@@ -74,7 +74,7 @@ class WrapperSettings:
         staging_concurrency: int = 4,
         staging_retries: int = 5,
         staging_backoff: Optional[Backoff] = None,
-        max_sandbox_bytes: int = 10 * 1024**3,
+        max_sandbox_bytes: Optional[int] = None,
         max_sandbox_members: int = 100_000,
         keep_job_dirs: bool = False,
     ) -> None:
@@ -86,7 +86,13 @@ class WrapperSettings:
         self.staging_concurrency = staging_concurrency
         self.staging_retries = staging_retries
         self.staging_backoff = staging_backoff or Backoff(base=1.0, cap=30.0)
-        self.max_sandbox_bytes = max_sandbox_bytes
+        #: What an input sandbox may expand to: given, else GALAXY_DIRAC_PILOT_MAX_SANDBOX_BYTES, else 10 GiB; each
+        #: job is further held to its slot's free disk (JobWrapper._extraction_cap).
+        self.max_sandbox_bytes = (
+            max_sandbox_bytes
+            if max_sandbox_bytes is not None
+            else int(os.environ.get(PILOT_ENV_PREFIX + "MAX_SANDBOX_BYTES") or 10 * 1024**3)
+        )
         self.max_sandbox_members = max_sandbox_members
         self.keep_job_dirs = keep_job_dirs
 
@@ -334,11 +340,17 @@ class JobWrapper:
                 safe_extract(
                     os.path.join(staging, name),
                     self.job_dir,
-                    max_total_bytes=self.settings.max_sandbox_bytes,
+                    max_total_bytes=self._extraction_cap(),
                     max_members=self.settings.max_sandbox_members,
                 )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _extraction_cap(self) -> int:
+        """The configured cap, and never more than the slot's free disk less the watchdog's reserve: a bomb fails
+        at its headers ("exceeds the limit of N bytes", job Failed) instead of filling the worker node's disk."""
+        reserve = int(self.settings.min_free_disk_mb * 1024 * 1024)
+        return max(0, min(self.settings.max_sandbox_bytes, shutil.disk_usage(self.job_dir).free - reserve))
 
     def _command(self) -> List[str]:
         executable = str(self.job.get("Executable") or "")

@@ -34,6 +34,7 @@ from sqlalchemy import Engine, Float, cast, func, select
 
 from .. import states
 from .db import HeartBeatLoggingInfo, Jobs, PilotAgents, read_transaction, utcnow
+from .errors import Invalid
 
 KINDS = (
     "running-jobs-by-group",
@@ -51,7 +52,7 @@ MAX_BUCKETS = 2000
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-class AccountingError(ValueError):
+class AccountingError(Invalid):
     """A period, bucket or kind that cannot be plotted (shown to the user as a 400)."""
 
 

@@ -20,16 +20,14 @@ from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request,
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
-from sqlalchemy.exc import DataError
 
 from .. import jdl
-from ..jdl import JDLError
-from . import jobs, maintenance, matcher, pilots, sandbox_metadata, taskqueues
-from .auth import AuthError, Principal, create_token, refresh_tokens, verify_token_with_expiry
+from . import errors, jobs, maintenance, matcher, pilots, policy, sandbox_metadata, taskqueues
+from .auth import Principal, create_token, refresh_tokens, verify_token_with_expiry
 from .config import Settings
 from .db import create_schema, make_engine, read_transaction
+from .errors import Unauthorized
 from .sandboxes import (
-    SandboxError,
     SandboxNotFound,
     SandboxStore,
     SandboxTooLarge,
@@ -283,7 +281,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.ctx = ctx
     app.add_middleware(BodyLimit, settings=settings)
-    _install_error_handlers(app)
+    errors.install_handlers(app)  # before the routes: they are made with its route class
     _install_routes(app, ctx)
     _install_monitoring_routes(app, ctx)
     return app
@@ -305,33 +303,6 @@ def _maintenance_leader(ctx: Context) -> Optional[maintenance.MaintenanceThread]
     return thread
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(AuthError)
-    async def _auth(_: Request, exc: AuthError) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return json_response({"detail": exc.detail}, exc.status, headers)
-
-    @app.exception_handler(jobs.WMSError)
-    async def _wms(_: Request, exc: jobs.WMSError) -> Response:
-        return json_response({"detail": exc.detail}, exc.status)
-
-    @app.exception_handler(JDLError)
-    async def _jdl(_: Request, exc: JDLError) -> Response:
-        return json_response({"detail": str(exc)}, 400)
-
-    @app.exception_handler(SandboxError)
-    async def _sandbox(_: Request, exc: SandboxError) -> Response:
-        status = 413 if isinstance(exc, SandboxTooLarge) else 404 if isinstance(exc, SandboxNotFound) else 400
-        return json_response({"detail": str(exc)}, status)
-
-    @app.exception_handler(DataError)
-    async def _data(_: Request, exc: DataError) -> Response:
-        # A value the database cannot store (NUL characters on PostgreSQL, too long for a strict MariaDB column):
-        # the transaction was rolled back, and it is the request that is wrong.
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else "invalid value"
-        return json_response({"detail": f"a value in the request does not fit the database: {reason}"}, 400)
-
-
 def _install_routes(app: FastAPI, ctx: Context) -> None:
     settings, engine = ctx.settings, ctx.engine
 
@@ -339,7 +310,7 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError(401, "Authorization header is missing")
+            raise Unauthorized("Authorization header is missing")
         return ctx.verify(token.strip())
 
     Caller = Annotated[Principal, Depends(principal)]
@@ -397,14 +368,7 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         }
         if not updates:
             raise jobs.BadRequest("no status updates given")
-        result = jobs.set_statuses(engine, updates, caller, force=force, clock_skew=settings.clock_skew)
-        if (
-            not result["success"]
-            and result["failed"]
-            and all("not found" in str(v.get("detail")) for v in result["failed"].values())
-        ):
-            return json_response({"detail": result["failed"]}, 404)
-        return json_response(result)
+        return json_response(jobs.set_statuses(engine, updates, caller, force=force, clock_skew=settings.clock_skew))
 
     @app.patch("/api/jobs/heartbeat", tags=["jobs"])
     def add_heartbeat(caller: Caller, body: Annotated[dict[JobId, HeartbeatData], Body()]) -> Response:
@@ -413,21 +377,22 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
 
     @app.post("/api/jobs/reschedule", tags=["jobs"])
     def reschedule_jobs(caller: Caller, body: Annotated[RescheduleBody, Body()], reset_jobs: bool = False) -> Response:
-        if caller.role not in ("admin", "runner", "job"):
-            raise AuthError(403, f"a {caller.role} token may not reschedule jobs")
+        policy.require_role(caller, "admin", "runner", "job")
         return json_response(jobs.reschedule(engine, body.job_ids, caller, settings))
 
     # --- sandboxes -----------------------------------------------------------------------------------------
     @app.post("/api/jobs/sandbox", tags=["sandboxes"])
     def initiate_sandbox_upload(caller: Caller, info: SandboxInfo, request: Request) -> Response:
-        caller.require("admin", "runner", "job")
+        """An upload target, or none when the caller already holds these bytes (dedup within one owner, and for a
+        job token within its job: knowing another owner's checksum is not proof of holding the bytes)."""
+        policy.require_role(caller, "admin", "runner", "job")
         if info.size > settings.max_sandbox_size:
             raise SandboxTooLarge(f"sandbox of {info.size} bytes is over the limit of {settings.max_sandbox_size}")
         key = ctx.store.key_for(info.checksum_algorithm, info.checksum.lower(), info.format)
         pfn = jobs.sandbox_pfn(caller, info.checksum_algorithm, info.checksum.lower(), info.format)
         ref = sandbox_metadata.full_ref(pfn)
-        if ctx.store.exists(key):
-            sandbox_metadata.register(engine, _principal_data(caller), pfn, info.size)
+        if sandbox_metadata.has_own_copy(engine, caller, pfn) and ctx.store.exists(key):
+            sandbox_metadata.touch(engine, pfn)
             return json_response({"pfn": ref, "url": None, "fields": {}})
         ticket = make_ticket(
             ctx.key,
@@ -444,7 +409,8 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         _, path = jobs.split_sandbox_ref(pfn) if pfn.startswith("SB:") else ("", pfn)
         sandbox_metadata.check_read_access(engine, caller, path)
         key = key_from_pfn(path)
-        ticket = make_ticket(ctx.key, key, "download", int(settings.ticket_lifetime))
+        claims = {"principal": _principal_data(caller)} if caller.role == "job" else None
+        ticket = make_ticket(ctx.key, key, "download", int(settings.ticket_lifetime), claims)
         sandbox_metadata.touch(engine, path)
         return json_response(
             {
@@ -465,15 +431,15 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
 
     @app.patch("/api/jobs/{job_id}/sandbox/output", tags=["sandboxes"])
     def assign_sandbox_to_job(caller: Caller, job_id: PathJobId, pfn: Annotated[str, Body()]) -> Response:
-        jobs.get_job_row(engine, job_id, caller)
         path = jobs.split_sandbox_ref(pfn)[1] if pfn.startswith("SB:") else pfn
-        sandbox_metadata.check_read_access(engine, caller, path)
-        sandbox_metadata.assign(engine, job_id, path, "Output")
+        sandbox_metadata.assign(engine, job_id, path, "Output", caller)
         return json_response(None)
 
     @app.post("/api/x-embedded/sandboxes/upload/{ticket}", tags=["sandboxes"], include_in_schema=True)
     @app.put("/api/x-embedded/sandboxes/upload/{ticket}", tags=["sandboxes"], include_in_schema=False)
     async def upload_sandbox(ticket: str, request: Request) -> Response:
+        """Store the bytes (hashed even when the content is stored already: the upload is the proof of holding
+        them), then register the pfn for the ticket's principal."""
         claims = read_ticket(ctx.key, ticket, "upload")
         key, size = claims["key"], claims["size"]
         if request.method == "POST" and request.headers.get("content-type", "").startswith("multipart/"):
@@ -481,7 +447,7 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise jobs.BadRequest("multipart upload needs the archive in a part named 'file'")
-            await run_in_threadpool(ctx.store.write, key, upload.file, size)
+            await run_in_threadpool(ctx.store.write, key, upload.file, size, prove=True)
             await form.close()
         else:
             with tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024) as spool:
@@ -490,7 +456,7 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
                     if spool.tell() > size:
                         raise SandboxTooLarge(f"more than the declared {size} bytes were sent")
                 spool.seek(0)
-                await run_in_threadpool(ctx.store.write, key, spool, size)
+                await run_in_threadpool(ctx.store.write, key, spool, size, prove=True)
         await run_in_threadpool(sandbox_metadata.register, engine, claims["principal"], claims["pfn"], size)
         return Response(status_code=204)
 
@@ -499,6 +465,9 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         from fastapi.responses import FileResponse
 
         claims = read_ticket(ctx.key, ticket, "download")
+        if "principal" in claims:  # a job token's ticket dies with the attempt it was given to
+            with read_transaction(engine) as conn:
+                policy.require_live_job_token(conn, Principal(**claims["principal"]))
         path = ctx.store.path_for(claims["key"])
         if not path.exists():
             raise SandboxNotFound(f"sandbox {claims['key']} is not in the store")
@@ -793,7 +762,7 @@ def _bearer(ctx: Context) -> Any:
     def dependency(request: Request) -> Principal:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError(401, "Authorization header is missing")
+            raise Unauthorized("Authorization header is missing")
         return ctx.verify(token.strip())
 
     return dependency
@@ -810,7 +779,11 @@ async def _until_new_jobs(seen: int, until: float) -> None:
 
 
 def _principal_data(caller: Principal) -> dict[str, Any]:
-    return {"role": caller.role, "owner": caller.owner, "group": caller.group, "vo": caller.vo}
+    """Who a ticket is for (signed into it); for job tokens with the job and attempt, checked again on use."""
+    data: dict[str, Any] = {"role": caller.role, "owner": caller.owner, "group": caller.group, "vo": caller.vo}
+    if caller.role == "job":
+        data.update(job_id=caller.job_id, run=caller.run)
+    return data
 
 
 def _jsonable_jdl(value: Any) -> Any:

@@ -15,18 +15,12 @@ from typing import Any
 
 import jwt
 
+from .errors import AuthError, Forbidden, Unauthorized  # noqa: F401 - AuthError: the base both are caught as
+
 ROLES = ("admin", "runner", "reader", "pilot", "job")
 ALGORITHM = "HS256"
 ISSUER = "galaxy-dirac-wms"
 
-
-class AuthError(Exception):
-    """Raised for a token that cannot be trusted; ``status`` is 401 (who are you?) or 403 (not allowed)."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +38,15 @@ class Principal:
         return self.role == "admin"
 
     def require(self, *roles: str) -> None:
-        if self.role not in roles:
-            raise AuthError(403, f"a {self.role} token may not do this (needs role {' or '.join(roles)})")
+        """Refuse unless the role is among ``roles`` (the rule lives in policy.py)."""
+        from .policy import require_role
+
+        require_role(self, *roles)
 
     def require_job(self, job_id: int) -> None:
         """Job tokens act on their own job only; admin and runner tokens are checked against owners elsewhere."""
         if self.role == "job" and self.job_id != job_id:
-            raise AuthError(403, f"this job token is for job {self.job_id}, not job {job_id}")
+            raise Forbidden(f"this job token is for job {self.job_id}, not job {job_id}")
 
 
 def create_token(
@@ -101,9 +97,9 @@ def refresh_tokens(key: bytes, refresh_token: str, lifetime: float) -> tuple[str
     """Return (access token, refresh token, access lifetime) for a valid refresh token."""
     claims = _decode(key, refresh_token)
     if claims.get("kind") != "refresh":
-        raise AuthError(401, "not a refresh token")
+        raise Unauthorized("not a refresh token")
     if claims.get("role") not in ("admin", "runner", "reader"):
-        raise AuthError(403, f"{claims.get('role')} tokens cannot be refreshed")
+        raise Forbidden(f"{claims.get('role')} tokens cannot be refreshed")
     access = create_token(
         key,
         role=claims["role"],
@@ -119,11 +115,11 @@ def _decode(key: bytes, token: str) -> dict[str, Any]:
     try:
         return jwt.decode(token, key, algorithms=[ALGORITHM], issuer=ISSUER, options={"require": ["exp", "sub"]})
     except jwt.ExpiredSignatureError as exc:
-        raise AuthError(401, "token expired") from exc
+        raise Unauthorized("token expired") from exc
     except jwt.InvalidSignatureError as exc:
-        raise AuthError(401, "token signature does not verify (wrong server or forged token)") from exc
+        raise Unauthorized("token signature does not verify (wrong server or forged token)") from exc
     except jwt.PyJWTError as exc:
-        raise AuthError(401, f"invalid token: {exc}") from exc
+        raise Unauthorized(f"invalid token: {exc}") from exc
 
 
 def verify_token(key: bytes, token: str) -> Principal:
@@ -134,10 +130,10 @@ def verify_token_with_expiry(key: bytes, token: str) -> tuple[Principal, float]:
     """The token's principal and its expiry time (epoch seconds)."""
     claims = _decode(key, token)
     if claims.get("kind") == "refresh":
-        raise AuthError(401, "a refresh token is not an access token")
+        raise Unauthorized("a refresh token is not an access token")
     role = claims.get("role")
     if role not in ROLES:
-        raise AuthError(401, f"invalid token: unknown role {role!r}")
+        raise Unauthorized(f"invalid token: unknown role {role!r}")
     principal = Principal(
         role=role,
         owner=str(claims["sub"]),

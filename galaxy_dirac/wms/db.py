@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import os
+import random
 import threading
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -218,6 +221,17 @@ class SandBoxes(Base):
     __table_args__ = (Index("sb_SandBoxes_Location", "SEName", "SEPFN", unique=True),)
 
 
+class SBJobUploads(Base):
+    """Not in DIRAC: which job's token uploaded (and so proved it holds) a sandbox. A job token may only attach as
+    its output, or read, sandboxes its own job uploaded or was given; the owner's other sandboxes stay closed to it.
+    A new table, so databases made before it get it from ``create_schema`` on the next start."""
+
+    __tablename__ = "sb_JobUploads"
+    SBId: Mapped[int] = mapped_column(ForeignKey("sb_SandBoxes.SBId", ondelete="CASCADE"), primary_key=True)
+    JobID: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    __table_args__ = (Index("sb_JobUploads_JobID", "JobID"),)
+
+
 class SBEntityMapping(Base):
     __tablename__ = "sb_EntityMapping"
     SBId: Mapped[int] = mapped_column(ForeignKey("sb_SandBoxes.SBId", ondelete="CASCADE"), primary_key=True)
@@ -299,6 +313,9 @@ def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
+        from .safe_regex import install_sqlite_regexp
+
+        install_sqlite_regexp(dbapi_conn)  # replaces SQLAlchemy's unbounded re.search
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -373,6 +390,33 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 def read_transaction(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as conn, conn.begin():
         yield conn
+
+
+T = TypeVar("T")
+#: Attempts of a transaction that the database rolled back for a deadlock or lock timeout.
+TRANSIENT_ATTEMPTS = 5
+
+
+def retrying(function: Callable[..., T]) -> Callable[..., T]:
+    """Run a function that does its own transaction(s) again when the database rolled it back for a deadlock or a
+    lock timeout (MariaDB 1213/1205, PostgreSQL 40P01/40001): concurrent pilots make these normal, not errors.
+    The last failure is raised; the API answers it with 503 and Retry-After."""
+    from sqlalchemy.exc import DBAPIError
+
+    from .errors import is_transient
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+            try:
+                return function(*args, **kwargs)
+            except DBAPIError as exc:
+                if attempt == TRANSIENT_ATTEMPTS or not is_transient(exc):
+                    raise
+                time.sleep(random.uniform(0, 0.02 * 2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
 
 
 def create_schema(engine: Engine) -> None:

@@ -30,8 +30,8 @@ from sqlalchemy import (
 
 from .. import jdl, states
 from ..jdl import JDLError
-from . import taskqueues
-from .auth import AuthError, Principal
+from . import policy, safe_regex, taskqueues
+from .auth import Principal
 from .config import Settings
 from .db import (
     HeartBeatLoggingInfo,
@@ -43,27 +43,14 @@ from .db import (
     SandBoxes,
     SBEntityMapping,
     read_transaction,
+    retrying,
     utcnow,
     write_transaction,
 )
+from .errors import Forbidden, Invalid, NotFound, WMSError  # noqa: F401 - WMSError: re-exported for callers
 
-
-class WMSError(Exception):
-    """A request the scheduler refuses; ``status`` is the HTTP status the API answers with."""
-
-    status = 400
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
-
-class BadRequest(WMSError):
-    status = 400
-
-
-class NotFound(WMSError):
-    status = 404
+#: The names other modules and tests know these refusals by (the tree itself is in errors.py).
+BadRequest = Invalid
 
 
 MINOR_ACCEPTED = "Job accepted"
@@ -172,7 +159,7 @@ def _site_column(sites: Sequence[str]) -> str:
 
 def sandbox_pfn(principal: Principal, checksum_algorithm: str, checksum: str, fmt: str) -> str:
     """DiracX's sandbox naming: the pfn names owner and group, the content hash makes it unique."""
-    return f"/S3/sandboxes/{principal.vo}/{principal.group}/{principal.owner}/{checksum_algorithm}:{checksum}.{fmt}"
+    return f"{policy.owner_prefix(principal)}{checksum_algorithm}:{checksum}.{fmt}"
 
 
 def split_sandbox_ref(ref: str) -> tuple[str, str]:
@@ -197,13 +184,14 @@ def _sandbox_ids(conn: Any, refs: Iterable[str], principal: Principal) -> dict[s
     if missing:
         raise BadRequest(f"input sandbox not found (upload it first with POST /api/jobs/sandbox): {missing[0]}")
     if not principal.is_admin:
-        prefix = f"/S3/sandboxes/{principal.vo}/{principal.group}/{principal.owner}/"
+        prefix = policy.owner_prefix(principal)
         foreign = [ref for ref in found if not split_sandbox_ref(ref)[1].startswith(prefix)]
         if foreign:
-            raise AuthError(403, f"input sandbox {foreign[0]} belongs to another owner")
+            raise Forbidden(f"input sandbox {foreign[0]} belongs to another owner")
     return found
 
 
+@retrying
 def submit(engine: Engine, texts: Sequence[str], principal: Principal, settings: Settings) -> list[dict[str, Any]]:
     """Insert jobs and queue them at once: Received → Checking → Waiting within the submit transaction."""
     principal.require("admin", "runner")
@@ -299,9 +287,7 @@ def _coerce_value(column: Any, value: Any) -> Any:
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise BadRequest(f"{column.name}: {value!r} is not an ISO date/time") from None
-        if parsed.tzinfo:
-            parsed = parsed.astimezone(dt.timezone.utc).replace(tzinfo=None)
-        return parsed
+        return _utc(parsed)
     if kind is bool:
         if isinstance(value, bool) or value in (0, 1):
             return bool(value)
@@ -313,7 +299,7 @@ def _coerce_value(column: Any, value: Any) -> Any:
             raise BadRequest(f"{column.name}: {value!r} is not an integer")
         try:
             number = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 arrives as an infinite float
             raise BadRequest(f"{column.name}: {value!r} is not an integer") from None
         if number != value and not isinstance(value, str) or not -(2**63) <= number < 2**63:
             raise BadRequest(f"{column.name}: {value!r} is not a 64-bit integer")
@@ -323,8 +309,16 @@ def _coerce_value(column: Any, value: Any) -> Any:
     return str(value)
 
 
+#: Values of 'in' / 'not in' searches sent as bind parameters (all but integers) in one request: PostgreSQL takes at
+#: most 65,535 parameters per statement and SQLite 32,766, so more would fail inside the driver.
+MAX_BOUND_VALUES = 10_000
+#: Integer values (rendered into the statement: the runner's bulk status of 10,000 jobs) in one request.
+MAX_INTEGER_VALUES = 100_000
+
+
 def _search_conditions(specs: Sequence[Mapping[str, Any]], principal: Principal) -> list[Any]:
     conds = []
+    bound = integers = 0
     for spec in specs:
         column = _column(str(spec.get("parameter")))
         op = spec.get("operator")
@@ -332,6 +326,15 @@ def _search_conditions(specs: Sequence[Mapping[str, Any]], principal: Principal)
             values = spec.get("values")
             if not isinstance(values, list):
                 raise BadRequest(f"operator {op!r} on {column.name} needs a list in 'values'")
+            if column.type.python_type is int:
+                integers += len(values)
+            else:
+                bound += len(values)
+            if bound > MAX_BOUND_VALUES or integers > MAX_INTEGER_VALUES:
+                raise BadRequest(
+                    f"too many values in 'in'/'not in' searches: at most {MAX_BOUND_VALUES} text/time values and "
+                    f"{MAX_INTEGER_VALUES} integers per request; split the search"
+                )
             values = [_coerce_value(column, v) for v in values]
             if column.type.python_type is int:
                 # Integers are rendered into the statement: thousands of bind parameters (a runner's bulk status
@@ -353,6 +356,8 @@ def _search_conditions(specs: Sequence[Mapping[str, Any]], principal: Principal)
         elif op in ("like", "not like", "regex"):
             if not isinstance(value, str):
                 raise BadRequest(f"operator {op!r} works on text parameters, and {column.name} is not one")
+            if op == "regex":
+                safe_regex.check_pattern(value)
             match = column.regexp_match(value) if op == "regex" else column.like(value)
             conds.append(not_(match) if op == "not like" else match)
         else:
@@ -360,7 +365,7 @@ def _search_conditions(specs: Sequence[Mapping[str, Any]], principal: Principal)
     if principal.role == "runner":
         conds += [Jobs.Owner == principal.owner, Jobs.VO == principal.vo]
     elif principal.role not in ("admin", "reader"):
-        raise AuthError(403, f"a {principal.role} token may not search jobs")
+        raise Forbidden(f"a {principal.role} token may not search jobs")
     return conds
 
 
@@ -420,7 +425,7 @@ def search(
         order.append(Jobs.JobID.asc())
     # One row more than the page says whether anything follows; only then is a COUNT needed for the total.
     query = query.order_by(*order).limit(per_page + 1).offset((page - 1) * per_page)
-    with read_transaction(engine) as conn:
+    with safe_regex.budget(), read_transaction(engine) as conn:
         rows = _rows_as_dicts(names, columns, conn.execute(query))
         more = len(rows) > per_page
         del rows[per_page:]
@@ -482,35 +487,25 @@ def summary(
     columns = [_column(n) for n in grouping]
     conds = _search_conditions(search, principal)
     query = select(*columns, func.count().label("count")).where(*conds).group_by(*columns).order_by(*columns)
-    with read_transaction(engine) as conn:
+    with safe_regex.budget(), read_transaction(engine) as conn:
         return [dict(zip([*grouping, "count"], (_jsonable(v) for v in row))) for row in conn.execute(query)]
 
 
 # --- access checks -------------------------------------------------------------------------------------------------
-def _load_jobs(conn: Any, job_ids: Iterable[int], principal: Principal) -> tuple[dict[int, Any], dict[int, str]]:
-    """Rows of the jobs this principal may change, and a reason for each one it may not."""
+def _load_jobs(
+    conn: Any, job_ids: Iterable[int], principal: Principal
+) -> tuple[dict[int, Any], dict[int, WMSError]]:
+    """Rows of the jobs this principal may change, and the typed refusal for each one it may not (policy.py)."""
     ids = sorted(set(job_ids))
     rows = {row.JobID: row for row in conn.execute(select(Jobs).where(Jobs.JobID.in_(ids)))} if ids else {}
     allowed: dict[int, Any] = {}
-    refused: dict[int, str] = {}
+    refused: dict[int, WMSError] = {}
     for job_id in ids:
-        row = rows.get(job_id)
-        if row is None:
-            refused[job_id] = f"job {job_id} not found"
-        elif principal.role == "job":
-            if principal.job_id != job_id:
-                raise AuthError(403, f"this job token is for job {principal.job_id}, not job {job_id}")
-            if principal.run != row.RescheduleCounter:
-                raise AuthError(
-                    403, f"job {job_id} was rescheduled since this token was issued; this pilot no longer runs it"
-                )
-            allowed[job_id] = row
-        elif principal.role == "runner" and (row.Owner != principal.owner or row.VO != principal.vo):
-            refused[job_id] = f"job {job_id} belongs to another owner"
-        elif principal.role in ("admin", "runner"):
-            allowed[job_id] = row
+        refusal = policy.job_refusal(principal, job_id, rows.get(job_id))
+        if refusal is None:
+            allowed[job_id] = rows[job_id]
         else:
-            raise AuthError(403, f"a {principal.role} token may not change jobs")
+            refused[job_id] = refusal
     return allowed, refused
 
 
@@ -518,17 +513,20 @@ def get_job_row(engine: Engine, job_id: int, principal: Principal) -> Any:
     with read_transaction(engine) as conn:
         allowed, refused = _load_jobs(conn, [job_id], principal)
     if job_id in refused:
-        if "not found" in refused[job_id]:
-            raise NotFound(refused[job_id])
-        raise AuthError(403, refused[job_id])
+        raise refused[job_id]
     return allowed[job_id]
 
 
 # --- status updates ------------------------------------------------------------------------------------------------
 def _utc(when: dt.datetime) -> dt.datetime:
-    return when.astimezone(dt.timezone.utc).replace(tzinfo=None) if when.tzinfo else when
+    """Naive UTC; a zoned time whose UTC falls outside years 1..9999 (``9999-12-31T23:59:59-23:59``) is refused."""
+    try:
+        return when.astimezone(dt.timezone.utc).replace(tzinfo=None) if when.tzinfo else when
+    except OverflowError:
+        raise Invalid(f"time {when.isoformat()} is out of range once converted to UTC") from None
 
 
+@retrying
 def set_statuses(
     engine: Engine,
     updates: Mapping[int, Mapping[dt.datetime, Mapping[str, Any]]],
@@ -546,13 +544,13 @@ def set_statuses(
     also get a Kill command for their pilot, jobs not yet running leave their task queue (DIRAC forces that edge).
     """
     if force and not principal.is_admin:
-        raise AuthError(403, "force=true is for admin tokens only")
+        raise Forbidden("force=true is for admin tokens only")
     success: dict[int, Any] = {}
     failed: dict[int, Any] = {}
     with write_transaction(engine) as conn:
         allowed, refused = _load_jobs(conn, [int(j) for j in updates], principal)
-        for job_id, reason in refused.items():
-            failed[job_id] = {"detail": reason}
+        for job_id, refusal in refused.items():
+            failed[job_id] = {"detail": refusal.detail}
         recorded = _recorded_updates(conn, allowed)
         now = utcnow()
         log_records: list[LogRecord] = []
@@ -573,6 +571,8 @@ def set_statuses(
             else:
                 success[job_id] = {k: v for k, v in outcome.items() if k != "applied"}
         add_logging(conn, log_records)
+    if not success and failed and all(isinstance(refused.get(j), NotFound) for j in failed):
+        raise NotFound(failed)  # none of the jobs exists: 404, with each job's reason
     return {"success": success, "failed": failed}
 
 
@@ -698,6 +698,7 @@ def _on_kill(conn: Any, job_id: int, previous: str, now: dt.datetime) -> None:
 
 
 # --- heartbeats ----------------------------------------------------------------------------------------------------
+@retrying
 def heartbeat(engine: Engine, data: Mapping[int, Mapping[str, Any]], principal: Principal) -> list[dict[str, Any]]:
     """Record heartbeats and hand out pending commands (Kill) for the jobs that sent them."""
     principal.require("job", "admin")
@@ -706,8 +707,7 @@ def heartbeat(engine: Engine, data: Mapping[int, Mapping[str, Any]], principal: 
     with write_transaction(engine) as conn:
         allowed, refused = _load_jobs(conn, [int(j) for j in data], principal)
         if refused:
-            job_id, reason = next(iter(refused.items()))
-            raise NotFound(reason) if "not found" in reason else AuthError(403, reason)
+            raise next(iter(refused.values()))
         if not allowed:
             return []
         ids = list(allowed)
@@ -763,6 +763,7 @@ def set_parameters(conn: Any, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 # --- rescheduling --------------------------------------------------------------------------------------------------
+@retrying
 def reschedule(
     engine: Engine, job_ids: Sequence[int], principal: Principal, settings: Settings, *, source: str = "JobManager"
 ) -> dict[str, dict[int, Any]]:
@@ -773,8 +774,8 @@ def reschedule(
     failed: dict[int, Any] = {}
     with write_transaction(engine) as conn:
         allowed, refused = _load_jobs(conn, job_ids, principal)
-        for job_id, reason in refused.items():
-            failed[job_id] = {"detail": reason}
+        for job_id, refusal in refused.items():
+            failed[job_id] = {"detail": refusal.detail}
         log_records: list[LogRecord] = []
         for job_id, row in allowed.items():
             outcome = reschedule_in(conn, row, settings, log_records, source)

@@ -40,6 +40,7 @@ from .db import (
     TQToTags,
     is_sqlite,
     read_transaction,
+    retrying,
     supports_skip_locked,
     utcnow,
     write_transaction,
@@ -201,6 +202,7 @@ class Matched:
     JDL: str
 
 
+@retrying
 def match_job(
     engine: Engine, slot: Slot, *, pilot_id: int | None = None, rng: random.Random | None = None
 ) -> Matched | None:

@@ -32,9 +32,11 @@ from .db import (
     JobToPilotMapping,
     PilotAgents,
     read_transaction,
+    retrying,
     utcnow,
     write_transaction,
 )
+from .errors import Invalid
 from .jobs import NotFound, history, job_jdl, parameters
 from .sandbox_metadata import job_sandboxes
 from .taskqueues import demand
@@ -112,13 +114,13 @@ def list_jobs(
 ) -> dict[str, Any]:
     """One page of jobs matching equality filters, newest first, with the total count for the pager."""
     if sort not in SORTABLE:
-        raise ValueError(f"cannot sort by {sort!r}; use one of {', '.join(sorted(SORTABLE))}")
+        raise Invalid(f"cannot sort by {sort!r}; use one of {', '.join(sorted(SORTABLE))}")
     per_page = max(1, min(per_page, 1000))
     page = max(1, page)
     conditions = []
     for name, value in (filters or {}).items():
         if name not in JOB_FILTERS:
-            raise ValueError(f"unknown job filter {name!r}; use one of {', '.join(JOB_FILTERS)}")
+            raise Invalid(f"unknown job filter {name!r}; use one of {', '.join(JOB_FILTERS)}")
         values = [v for v in ([value] if isinstance(value, str) else value) if v]
         if values:
             column = JOB_FILTERS[name]
@@ -247,7 +249,7 @@ def list_pilots(
     conditions = []
     for name, value in (filters or {}).items():
         if name not in PILOT_FILTERS:
-            raise ValueError(f"unknown pilot filter {name!r}; use one of {', '.join(PILOT_FILTERS)}")
+            raise Invalid(f"unknown pilot filter {name!r}; use one of {', '.join(PILOT_FILTERS)}")
         if value:
             conditions.append(PILOT_FILTERS[name] == value)
     with read_transaction(engine) as conn:
@@ -269,6 +271,7 @@ def taskqueue_demand(engine: Engine) -> list[dict[str, Any]]:
         return demand(conn)
 
 
+@retrying
 def record_decisions(engine: Engine, decisions: Sequence[Mapping[str, Any]], director: str = "") -> int:
     """Keep the last decision per queue (a SiteDirector posts its cycle's decisions); returns how many were kept."""
     now = utcnow()

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 from sqlalchemy import Engine, insert, select, update
 
 from .. import states
-from .db import JobToPilotMapping, PilotAgents, read_transaction, utcnow, write_transaction
+from .db import JobToPilotMapping, PilotAgents, read_transaction, retrying, utcnow, write_transaction
 from .jobs import BadRequest, NotFound
 
 PILOT_COLUMNS = [c.name for c in PilotAgents.__table__.columns]
@@ -31,6 +31,7 @@ def _row(row: Any) -> dict[str, Any]:
     return {name: _jsonable(getattr(row, name)) for name in PILOT_COLUMNS}
 
 
+@retrying
 def add_pilots(
     engine: Engine,
     stamps: Sequence[str],
@@ -84,6 +85,7 @@ def add_pilots(
         )
 
 
+@retrying
 def register(engine: Engine, stamp: str, description: Mapping[str, Any], vo: str) -> int:
     """A pilot starting on a worker node: Running from now on (created if the SiteDirector did not add it)."""
     if not stamp or len(stamp) > 32:
@@ -133,6 +135,7 @@ def pilot_id_for(engine: Engine, stamp: str) -> int | None:
     return pilot_id
 
 
+@retrying
 def set_status(engine: Engine, stamp: str, status: str, reason: str = "", matched_jobs: int | None = None) -> dict:
     if status not in states.PILOT_STATES:
         raise BadRequest(f"unknown pilot status {status!r}; use one of {', '.join(states.PILOT_STATES)}")

@@ -5,14 +5,26 @@ The bytes live in the content-addressed store (``sandboxes.py``); this module de
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from .auth import AuthError, Principal
-from .db import SandBoxes, SBEntityMapping, SBOwners, read_transaction, utcnow, write_transaction
-from .jobs import SANDBOX_SE, BadRequest, NotFound, split_sandbox_ref
+from . import policy
+from .auth import Principal
+from .db import (
+    Jobs,
+    SandBoxes,
+    SBEntityMapping,
+    SBJobUploads,
+    SBOwners,
+    read_transaction,
+    retrying,
+    utcnow,
+    write_transaction,
+)
+from .jobs import SANDBOX_SE, BadRequest, split_sandbox_ref
 
 SANDBOX_TYPES = ("Input", "Output")
 
@@ -42,82 +54,78 @@ def is_registered(engine: Engine, pfn: str) -> bool:
         return conn.execute(select(SandBoxes.SBId).where(SandBoxes.SEPFN == pfn)).scalar() is not None
 
 
+@retrying
 def register(engine: Engine, principal_data: dict[str, Any], pfn: str, size: int) -> None:
-    """Record a sandbox whose bytes are in the store; idempotent (re-uploads and dedup hits are fine)."""
+    """Record a sandbox whose bytes were just uploaded (and verified) by this principal; idempotent.
+
+    An upload with a job token also records that the job holds the sandbox, so that job may attach it as output.
+    """
     principal = Principal(**principal_data)
     now = utcnow()
     with write_transaction(engine) as conn:
-        if conn.execute(select(SandBoxes.SBId).where(SandBoxes.SEPFN == pfn)).scalar() is not None:
-            conn.execute(update(SandBoxes).where(SandBoxes.SEPFN == pfn).values(LastAccessTime=now))
-            return
-        try:
-            with conn.begin_nested():
-                conn.execute(
-                    insert(SandBoxes).values(
-                        OwnerId=_owner_id(conn, principal),
-                        SEName=SANDBOX_SE,
-                        SEPFN=pfn,
-                        Bytes=size,
-                        RegistrationTime=now,
-                        LastAccessTime=now,
-                        Assigned=False,
-                    )
-                )
-        except IntegrityError:
-            pass  # registered concurrently by the same owner
+        policy.require_live_job_token(conn, principal)
+        sb_id = conn.execute(select(SandBoxes.SBId).where(SandBoxes.SEPFN == pfn)).scalar()
+        if sb_id is not None:
+            conn.execute(update(SandBoxes).where(SandBoxes.SBId == sb_id).values(LastAccessTime=now))
+        else:
+            try:
+                with conn.begin_nested():
+                    sb_id = conn.execute(
+                        insert(SandBoxes).values(
+                            OwnerId=_owner_id(conn, principal),
+                            SEName=SANDBOX_SE,
+                            SEPFN=pfn,
+                            Bytes=size,
+                            RegistrationTime=now,
+                            LastAccessTime=now,
+                            Assigned=False,
+                        )
+                    ).inserted_primary_key[0]
+            except IntegrityError:  # registered concurrently by the same owner
+                sb_id = conn.execute(select(SandBoxes.SBId).where(SandBoxes.SEPFN == pfn)).scalar_one()
+        if principal.role == "job" and principal.job_id is not None:
+            held = select(SBJobUploads.SBId).where(SBJobUploads.SBId == sb_id, SBJobUploads.JobID == principal.job_id)
+            if conn.execute(held).first() is None:
+                with contextlib.suppress(IntegrityError), conn.begin_nested():
+                    conn.execute(insert(SBJobUploads).values(SBId=sb_id, JobID=principal.job_id))
 
 
 def check_read_access(engine: Engine, principal: Principal, pfn: str) -> None:
-    """Owners read their own sandboxes; a job token reads the sandboxes mapped to its job; admins read all."""
+    """Owners read their own sandboxes; a live job token reads its own job's sandboxes; admins read all
+    (the rules are in policy.py)."""
     with read_transaction(engine) as conn:
-        sb_id = conn.execute(select(SandBoxes.SBId).where(SandBoxes.SEPFN == pfn)).scalar()
-        if sb_id is None:
-            raise NotFound(f"sandbox {pfn} not found")
-        if principal.is_admin:
-            return
-        if principal.role == "runner":
-            if pfn.startswith(owner_prefix(principal)):
-                return
-            # An owner may also read sandboxes mapped to its own jobs (outputs uploaded with a job token).
-            entity_ids = conn.execute(select(SBEntityMapping.EntityId).where(SBEntityMapping.SBId == sb_id)).scalars()
-            job_ids = [int(e.split(":", 1)[1]) for e in entity_ids if e.startswith("Job:")]
-            if job_ids and _owns_any(conn, principal, job_ids):
-                return
-        elif principal.role == "job":
-            mapped = conn.execute(
-                select(SBEntityMapping.SBId).where(
-                    SBEntityMapping.SBId == sb_id, SBEntityMapping.EntityId == f"Job:{principal.job_id}"
-                )
-            ).scalar()
-            if mapped is not None or pfn.startswith(owner_prefix(principal)):
-                return
-        raise AuthError(403, f"sandbox {pfn} is not yours to read")
+        policy.require_sandbox_read(conn, principal, pfn)
 
 
-def _owns_any(conn: Any, principal: Principal, job_ids: list[int]) -> bool:
-    from .db import Jobs
-
-    return (
-        conn.execute(
-            select(Jobs.JobID).where(Jobs.JobID.in_(job_ids), Jobs.Owner == principal.owner, Jobs.VO == principal.vo)
-        ).first()
-        is not None
-    )
+def has_own_copy(engine: Engine, principal: Principal, pfn: str) -> bool:
+    """Whether the caller may skip the upload of ``pfn`` (see policy.has_own_copy); job tokens must be live."""
+    with read_transaction(engine) as conn:
+        policy.require_live_job_token(conn, principal)
+        return policy.has_own_copy(conn, principal, pfn)
 
 
 def owner_prefix(principal: Principal) -> str:
-    return f"/S3/sandboxes/{principal.vo}/{principal.group}/{principal.owner}/"
+    return policy.owner_prefix(principal)
 
 
-def assign(engine: Engine, job_id: int, ref_or_pfn: str, sandbox_type: str) -> None:
-    """Attach a registered sandbox to a job (the output sandbox after the wrapper uploaded it)."""
+@retrying
+def assign(
+    engine: Engine, job_id: int, ref_or_pfn: str, sandbox_type: str, principal: Principal | None = None
+) -> None:
+    """Attach a registered sandbox to a job (the output sandbox after the wrapper uploaded it); with a principal,
+    only what policy.py allows it."""
     if sandbox_type not in SANDBOX_TYPES:
         raise BadRequest(f"sandbox type must be one of {SANDBOX_TYPES}")
     pfn = split_sandbox_ref(ref_or_pfn)[1] if ref_or_pfn.startswith("SB:") else ref_or_pfn
     with write_transaction(engine) as conn:
-        sb_id = conn.execute(select(SandBoxes.SBId).where(SandBoxes.SEPFN == pfn)).scalar()
-        if sb_id is None:
-            raise NotFound(f"sandbox {pfn} not found (upload it first)")
+        if principal is None:
+            sb_id = policy.sandbox_id(conn, pfn)
+        else:
+            job_row = conn.execute(select(Jobs).where(Jobs.JobID == job_id)).first()
+            refusal = policy.job_refusal(principal, job_id, job_row)
+            if refusal is not None:
+                raise refusal
+            sb_id = policy.require_sandbox_assign(conn, principal, job_row, pfn)
         entity = f"Job:{job_id}"
         exists = conn.execute(
             select(SBEntityMapping.SBId).where(
@@ -143,6 +151,7 @@ def job_sandboxes(engine: Engine, job_id: int) -> dict[str, list[str]]:
     return result
 
 
+@retrying
 def touch(engine: Engine, pfn: str) -> None:
     with write_transaction(engine) as conn:
         conn.execute(update(SandBoxes).where(SandBoxes.SEPFN == pfn).values(LastAccessTime=utcnow()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -26,6 +27,8 @@ from typing import Any, BinaryIO, Dict, Iterator, Optional, Tuple, Union
 
 from galaxy_dirac.archive import ARCHIVE_FORMATS
 
+from .errors import InsufficientStorage, Invalid, NotFound, TooLarge
+
 DEFAULT_MAX_SIZE = 100 * 1024 * 1024
 CHECKSUM_ALGORITHM = "sha256"
 TICKET_ACTIONS = ("upload", "download")
@@ -35,19 +38,22 @@ _KEY_RE = re.compile(r"sha256:([0-9a-f]{64})\.(" + "|".join(re.escape(f) for f i
 _INCOMING = ".incoming"
 
 
-class SandboxError(ValueError):
-    """Base class for everything the store refuses."""
+class SandboxError(Invalid):
+    """Base class for everything the store refuses (a 400 unless a subclass says otherwise; also a ValueError)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
 
 
 class BadSandboxKey(SandboxError):
     """A key that is not ``sha256:<64 lowercase hex>.<format>`` (this also rules out any path traversal)."""
 
 
-class SandboxNotFound(SandboxError, FileNotFoundError):
+class SandboxNotFound(NotFound, SandboxError, FileNotFoundError):
     """No sandbox is stored under that key."""
 
 
-class SandboxTooLarge(SandboxError):
+class SandboxTooLarge(TooLarge, SandboxError):
     """More bytes than declared, or than the store accepts; reading stopped as soon as this was known."""
 
 
@@ -61,6 +67,10 @@ class SandboxChecksumMismatch(SandboxError):
 
 class BadTicket(SandboxError):
     """A transfer ticket that is malformed, badly signed, expired, or for another action."""
+
+
+class SandboxStoreFull(InsufficientStorage):
+    """The store's disk has no room for the upload; nothing of it is left behind."""
 
 
 # ------------------------------------------------------------------------------------------------------------ keys
@@ -152,13 +162,15 @@ class SandboxStore:
             if _KEY_RE.fullmatch(path.name):
                 yield path.name
 
-    def write(self, key: str, stream: BinaryIO, expected_size: int) -> Path:
+    def write(self, key: str, stream: BinaryIO, expected_size: int, *, prove: bool = False) -> Path:
         """Store the bytes read from stream under key and return the final path.
 
         Reads at most min(expected_size, max_size) + 1 bytes: as soon as the stream yields more than declared,
         SandboxTooLarge is raised without reading the rest. Size and sha256 are verified before an atomic rename
-        makes the file visible. Content already stored is not read again; a concurrent writer of the same key that
-        finished first wins and our identical copy is dropped.
+        makes the file visible. Content already stored is not read again unless ``prove`` is set: then the stream
+        must still hash to the key (an uploader proves it holds the bytes, so knowing a checksum is not enough); a
+        concurrent writer of the same key that finished first wins and our identical copy is dropped. A full disk
+        raises SandboxStoreFull and leaves no partial file.
         """
         _, hexdigest, _ = parse_key(key)
         if not isinstance(expected_size, int) or isinstance(expected_size, bool) or expected_size < 0:
@@ -169,7 +181,19 @@ class SandboxStore:
             )
         final = self.path_for(key)
         if final.is_file():
+            if prove:
+                _verify(key, hexdigest, stream, expected_size)
             return final
+        try:
+            return self._write_new(key, hexdigest, final, stream, expected_size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SandboxStoreFull(
+                    f"the sandbox store has no room for sandbox {key} ({expected_size} bytes): {exc.strerror}"
+                ) from exc
+            raise
+
+    def _write_new(self, key: str, hexdigest: str, final: Path, stream: BinaryIO, expected_size: int) -> Path:
         self._incoming.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self._incoming, prefix=hexdigest[:16] + "-", suffix=".part")
         try:
@@ -216,6 +240,26 @@ class SandboxStore:
                     path.unlink()
                     removed += 1
         return removed
+
+
+def _verify(key: str, hexdigest: str, stream: BinaryIO, expected_size: int) -> None:
+    """Read and hash a stream without storing it (the content is stored already), with write()'s size checks."""
+    digest = hashlib.sha256()
+    received = 0
+    while True:
+        chunk = stream.read(min(_CHUNK, expected_size + 1 - received))
+        if not chunk:
+            break
+        received += len(chunk)
+        if received > expected_size:
+            raise SandboxTooLarge(f"sandbox {key} sent more than its declared {expected_size} bytes; upload refused")
+        digest.update(chunk)
+    if received != expected_size:
+        raise SandboxSizeMismatch(f"sandbox {key}: received {received} bytes, {expected_size} were declared")
+    if digest.hexdigest() != hexdigest:
+        raise SandboxChecksumMismatch(
+            f"sandbox {key}: content has sha256 {digest.hexdigest()}, not the declared {hexdigest}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------- tickets
@@ -317,6 +361,7 @@ __all__ = [
     "SandboxNotFound",
     "SandboxSizeMismatch",
     "SandboxStore",
+    "SandboxStoreFull",
     "SandboxTooLarge",
     "key_for",
     "key_from_pfn",

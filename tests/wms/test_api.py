@@ -567,10 +567,13 @@ def test_sandbox_put_upload_dedup_and_download(api: Api) -> None:
     download = api.download(alice, pfn)
     assert download.status_code == 200 and download.content == data
 
-    # The same bytes from another owner: no second upload, but a pfn of their own that they can read.
+    # The same bytes from another owner: a pfn of their own, readable only once they uploaded the bytes themselves
+    # (dedup within one owner, as DiracX: knowing a checksum must not give access to another owner's sandbox).
     bob = api.headers("runner", f"{api.owner}bob")
     bob_answer = api.call("POST", "/api/jobs/sandbox", bob, json=sandbox_info(data)).json()
-    assert bob_answer["url"] is None and bob_answer["pfn"] != pfn and f"/{api.owner}bob/" in bob_answer["pfn"]
+    assert bob_answer["url"] is not None and bob_answer["pfn"] != pfn and f"/{api.owner}bob/" in bob_answer["pfn"]
+    assert api.download(bob, bob_answer["pfn"]).status_code == 404
+    assert requests.put(bob_answer["url"], data=data, timeout=TIMEOUT).status_code == 204
     assert api.download(bob, bob_answer["pfn"]).content == data
     assert api.download(bob, pfn).status_code == 403
 
