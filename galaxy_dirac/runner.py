@@ -102,13 +102,13 @@ class DiracJobState(AsynchronousJobState):
         self.dirac_row: Dict[str, Any] = {}
         self.needs = ""  # what a slot must offer, for the job's info while it waits
         self.shown = ""  # the DIRAC status last written to the job's info
+        self.pending: Optional[_Pending] = None  # built, not yet submitted
 
 
 @dataclass
 class _Pending:
-    """A built job not yet submitted (its DIRAC login lapsed): what a later submission attempt needs."""
+    """A built job not yet submitted: what a (later, if its DIRAC login lapsed) submission attempt needs."""
 
-    job_state: DiracJobState
     spec: staging.JobSpec
     bundle: staging.Bundle
     params: Dict[str, Any]
@@ -157,7 +157,7 @@ class DiracJobRunner(AsynchronousJobRunner):
             verify=self.runner_params["verify_ssl"],
         )
         job_metrics.register(app)  # readable titles for the DIRAC metrics from the first job on
-        self._awaiting_login: List[_Pending] = []
+        self._awaiting_login: List[DiracJobState] = []
         self._awaiting_lock = threading.Lock()
         self._login_logged_at = -float("inf")
 
@@ -258,11 +258,17 @@ class DiracJobRunner(AsynchronousJobRunner):
             log.exception("(%s) building the DIRAC job failed", job_wrapper.get_id_tag())
             job_wrapper.fail(f"Could not prepare the DIRAC job: {exc}", exception=True)
             return
-        self._submit(_Pending(job_state, spec, bundle, params))
+        job_state.pending = _Pending(spec, bundle, params)
+        self._submit(job_state)
 
-    def _submit(self, pending: _Pending) -> None:
-        """Upload the bundle and submit the JDL; a lapsed DiracX login parks the job instead of failing it."""
-        job_state, job_wrapper = pending.job_state, pending.job_state.job_wrapper
+    def _submit(self, job_state: DiracJobState) -> None:
+        """Upload the bundle and submit the JDL; a lapsed DiracX login parks the job instead of failing it.
+
+        Takes the job state (not the pending parts alone) because Galaxy's work queue only carries job wrappers
+        and job states.
+        """
+        job_wrapper, pending = job_state.job_wrapper, job_state.pending
+        assert pending is not None
         spec = pending.spec
         try:
             pfn = self.client.upload_sandbox(pending.bundle.archive)
@@ -276,7 +282,7 @@ class DiracJobRunner(AsynchronousJobRunner):
             state["dirac_id"] = dirac_id
             staging.save_state(spec.working_directory, state)
         except LoginExpired as exc:
-            self._await_login(pending, exc)
+            self._await_login(job_state, exc)
             return
         except Exception as exc:
             log.exception("(%s) DIRAC submission failed", job_wrapper.get_id_tag())
@@ -289,17 +295,19 @@ class DiracJobRunner(AsynchronousJobRunner):
         job_wrapper.change_state(model.Job.states.QUEUED)
         job_state.job_id = dirac_id
         job_state.old_state = states.RECEIVED
+        job_state.pending = None
         self.monitor_queue.put(job_state)
 
-    def _await_login(self, pending: _Pending, exc: LoginExpired) -> None:
+    def _await_login(self, job_state: DiracJobState, exc: LoginExpired) -> None:
         """Keep the job queued, say why in its info, and try again every ``login_retry_interval`` seconds."""
-        job_wrapper = pending.job_state.job_wrapper
+        job_wrapper, pending = job_state.job_wrapper, job_state.pending
+        assert pending is not None
         self._login_problem(exc)
         job_wrapper.change_state(model.Job.states.QUEUED)
         self._show_info(job_wrapper, f"Waiting for a DIRAC login: {exc}")
         pending.retry_at = time.monotonic() + self.runner_params["login_retry_interval"]
         with self._awaiting_lock:
-            self._awaiting_login.append(pending)
+            self._awaiting_login.append(job_state)
 
     def _login_problem(self, exc: LoginExpired) -> None:
         """One error in Galaxy's log per retry interval, not one per job and monitor cycle."""
@@ -311,12 +319,12 @@ class DiracJobRunner(AsynchronousJobRunner):
     def _retry_awaiting_login(self) -> None:
         now = time.monotonic()
         with self._awaiting_lock:
-            due = [p for p in self._awaiting_login if p.retry_at <= now]
-            self._awaiting_login = [p for p in self._awaiting_login if p.retry_at > now]
-        for pending in due:
-            if pending.job_state.job_wrapper.get_state() in (model.Job.states.DELETED, model.Job.states.DELETING):
+            due = [js for js in self._awaiting_login if js.pending and js.pending.retry_at <= now]
+            self._awaiting_login = [js for js in self._awaiting_login if js not in due]
+        for job_state in due:
+            if job_state.job_wrapper.get_state() in (model.Job.states.DELETED, model.Job.states.DELETING):
                 continue
-            self.work_queue.put((self._submit, pending))
+            self.work_queue.put((self._submit, job_state))
 
     # -- monitoring ---------------------------------------------------------------------------------------------------
 
