@@ -44,6 +44,29 @@ def stop_process_group(process: subprocess.Popen | None, timeout: float = 10.0) 
         process.wait()
 
 
+def unavailable(component: str, reason: str) -> None:
+    """Skip for a missing third-party component (DiracX, DIRAC...), or fail when CI requires them all."""
+    if os.environ.get("GALAXY_DIRAC_REQUIRE_DIRACX") == "1":
+        pytest.fail(f"{component} required but unavailable: {reason}")
+    pytest.skip(f"{component} unavailable: {reason}")
+
+
+@contextlib.contextmanager
+def small_tmpfs(parent: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "256k") under ``parent``, unmounted afterwards; skips where mounting needs root."""
+    mount_point = parent / f"tmpfs-{uuid.uuid4().hex[:6]}"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, Optional, Tuple, Union
 
 from galaxy_dirac.archive import ARCHIVE_FORMATS
 
@@ -197,28 +197,10 @@ class SandboxStore:
         self._incoming.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self._incoming, prefix=hexdigest[:16] + "-", suffix=".part")
         try:
-            digest = hashlib.sha256()
-            received = 0
             with os.fdopen(fd, "wb") as out:
-                while True:
-                    chunk = stream.read(min(_CHUNK, expected_size + 1 - received))
-                    if not chunk:
-                        break
-                    received += len(chunk)
-                    if received > expected_size:
-                        raise SandboxTooLarge(
-                            f"sandbox {key} sent more than its declared {expected_size} bytes; upload refused"
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
+                _checked_copy(key, hexdigest, stream, expected_size, out.write)
                 out.flush()
                 os.fsync(out.fileno())
-            if received != expected_size:
-                raise SandboxSizeMismatch(f"sandbox {key}: received {received} bytes, {expected_size} were declared")
-            if digest.hexdigest() != hexdigest:
-                raise SandboxChecksumMismatch(
-                    f"sandbox {key}: content has sha256 {digest.hexdigest()}, not the declared {hexdigest}"
-                )
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.is_file():  # someone else stored the same content meanwhile
                 os.unlink(tmp)
@@ -244,6 +226,13 @@ class SandboxStore:
 
 def _verify(key: str, hexdigest: str, stream: BinaryIO, expected_size: int) -> None:
     """Read and hash a stream without storing it (the content is stored already), with write()'s size checks."""
+    _checked_copy(key, hexdigest, stream, expected_size, lambda _chunk: None)
+
+
+def _checked_copy(
+    key: str, hexdigest: str, stream: BinaryIO, expected_size: int, sink: Callable[[bytes], object]
+) -> None:
+    """Feed ``stream`` to ``sink`` in chunks, refusing more or fewer than ``expected_size`` bytes, or other bytes."""
     digest = hashlib.sha256()
     received = 0
     while True:
@@ -254,6 +243,7 @@ def _verify(key: str, hexdigest: str, stream: BinaryIO, expected_size: int) -> N
         if received > expected_size:
             raise SandboxTooLarge(f"sandbox {key} sent more than its declared {expected_size} bytes; upload refused")
         digest.update(chunk)
+        sink(chunk)
     if received != expected_size:
         raise SandboxSizeMismatch(f"sandbox {key}: received {received} bytes, {expected_size} were declared")
     if digest.hexdigest() != hexdigest:

@@ -20,6 +20,7 @@ from typing import Dict, Iterator
 
 import pytest
 
+from tests.conftest import unavailable
 from tests.contract.diracx_server import DiracxServer, diracx_venv, start_diracx_server
 
 #: Servers every contract test runs against. Add e.g. `pytest.param("embedded")` with an `embedded_server`
@@ -41,9 +42,7 @@ EXPECT = {
 
 def _unavailable(reason: str) -> None:
     """Skip, or fail when the run requires DiracX (CI)."""
-    if os.environ.get("GALAXY_DIRAC_REQUIRE_DIRACX") == "1":
-        pytest.fail(f"DiracX required but unavailable: {reason}")
-    pytest.skip(f"DiracX unavailable: {reason}")
+    unavailable("DiracX", reason)
 
 
 @pytest.fixture(scope="session")

@@ -6,19 +6,17 @@ GALAXY_DIRAC_REQUIRE_DIRACX=1 (CI), which makes it a failure, as for tests/contr
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import pytest
 
+from tests.conftest import unavailable
 from tests.dirac_node import dirac_venv
 
 
 def _unavailable(reason: str) -> None:
     """Skip, or fail when the run requires the real DIRAC/DiracX components (CI)."""
-    if os.environ.get("GALAXY_DIRAC_REQUIRE_DIRACX") == "1":
-        pytest.fail(f"DIRAC required but unavailable: {reason}")
-    pytest.skip(f"DIRAC unavailable: {reason}")
+    unavailable("DIRAC", reason)
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import subprocess
 import tarfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from galaxy_dirac.pilot.pilot import Pilot
+from tests.conftest import small_tmpfs
 from tests.pilot.test_pilot_loop import match, pilot_options, statuses
 
 
@@ -44,17 +43,9 @@ def test_the_configured_cap_fails_a_bomb_with_a_clear_message(
 
 @pytest.fixture
 def small_workdir(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs as the pilot's work directory (needs root); unmounted afterwards."""
-    mount_point = tmp_path / f"slot-{uuid.uuid4().hex[:6]}"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    try:
+    """A 1 MiB tmpfs as the pilot's work directory (needs root)."""
+    with small_tmpfs(tmp_path, "1m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def test_a_bomb_larger_than_the_slots_free_disk_fails_before_filling_it(

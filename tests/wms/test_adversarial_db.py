@@ -7,10 +7,8 @@ import contextlib
 import hashlib
 import os
 import socket
-import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,7 +22,7 @@ from galaxy_dirac.wms import jobs
 from galaxy_dirac.wms.api import create_app
 from galaxy_dirac.wms.auth import create_token
 from galaxy_dirac.wms.db import HeartBeatLoggingInfo, Jobs, read_transaction
-from tests.conftest import fresh_database
+from tests.conftest import fresh_database, small_tmpfs
 from tests.wms.helpers import ADMIN, jdl_text, make_db, make_settings, submit
 
 
@@ -209,17 +207,9 @@ def test_a_transaction_chosen_as_deadlock_victim_is_run_again(
 # --- a full sandbox disk ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs (needs root); unmounted afterwards."""
-    mount_point = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    try:
+    """A 256 KiB tmpfs (needs root)."""
+    with small_tmpfs(tmp_path, "256k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def test_a_full_sandbox_disk_is_507_and_leaves_nothing(tmp_path: Path, small_disk: Path) -> None:
