@@ -24,7 +24,6 @@ This module does not import Galaxy; the runner fills a :class:`JobSpec` from the
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -66,7 +65,8 @@ RESULTS_DIR = "__galaxy_dirac_results"
 STATE_FILE = "galaxy_dirac_state.json"
 REWRITE_LIST = "galaxy_dirac_rewrite.list"
 
-#: Text files larger than this are bundled verbatim (not rewritten); tool directories larger than the cap are not sent.
+#: Text files larger than this are bundled verbatim (not rewritten); a tool directory larger than the cap never travels
+#: whole, even when the job names the directory itself: only the files the job names do.
 MAX_REWRITE_BYTES = 4 << 20
 MAX_TOOL_DIR_BYTES = 16 << 20
 #: A tool directory this small (bytes, files) travels whole; a bigger one only with the files the job refers to.
@@ -132,7 +132,7 @@ class PathMapper:
         out_names: Dict[str, int] = {}
         for path in _unique_paths(spec.outputs):
             self.files[path] = "outputs/" + self._unique(os.path.basename(path), out_names)
-        if spec.tool_dir and os.path.isdir(spec.tool_dir) and _tree_size(spec.tool_dir) <= MAX_TOOL_DIR_BYTES:
+        if spec.tool_dir and os.path.isdir(spec.tool_dir):  # what of it travels: tool_files
             self.dirs[os.path.abspath(spec.tool_dir)] = "tool"
 
     @staticmethod
@@ -184,17 +184,6 @@ def _replace_path(text: str, path: str, replacement: str) -> str:
         start = end
 
 
-def _tree_size(root: str) -> int:
-    total = 0
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.path.getsize(os.path.join(folder, name))
-            if total > MAX_TOOL_DIR_BYTES:
-                return total
-    return total
-
-
 def _mentions(texts: Sequence[str], path: str, *, itself: bool = False) -> bool:
     """Whether a text names ``path`` (at a path boundary); with ``itself``, only where nothing below it follows."""
     for text in texts:
@@ -228,7 +217,9 @@ def tool_files(tool_dir: str, texts: Sequence[str]) -> Optional[List[str]]:
             count += 1
             size += os.path.getsize(path)
             entries.append(path)
-    if (size <= SMALL_TOOL_DIR[0] and count <= SMALL_TOOL_DIR[1]) or _mentions(texts, base, itself=True):
+    if size <= SMALL_TOOL_DIR[0] and count <= SMALL_TOOL_DIR[1]:
+        return None
+    if size <= MAX_TOOL_DIR_BYTES and _mentions(texts, base, itself=True):
         return None
     wanted: List[str] = []
     for path in entries:

@@ -262,3 +262,21 @@ def test_a_purged_input_is_a_clear_error_before_submission(tmp_path: Path) -> No
         Path(spec.inputs[0]).unlink()
         with pytest.raises(staging.InputMissing, match=r"1 input dataset\(s\) have no data.*dataset_1\.dat"):
             staging.build_bundle(spec)
+
+
+def test_a_tool_directory_over_the_cap_still_sends_the_files_the_job_names(tmp_path: Path, monkeypatch) -> None:
+    """A huge shared tool directory: never whole, but a script or data file the command names does travel."""
+    monkeypatch.setattr(staging, "MAX_TOOL_DIR_BYTES", 1_500_000)
+    spec = _spec(tmp_path)
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "huge.bin").write_bytes(os.urandom(2_000_000))
+    (tools / "value.txt").write_text("value beside the tool\n")
+    spec.tool_dir = str(tools)
+    Path(spec.job_script).write_text(f"#!/bin/sh\ncd {tools}\nexport V=$(cat {tools}/value.txt)\n")
+    bundle = staging.build_bundle(spec)
+    with tarfile.open(bundle.archive) as tf:
+        shipped = sorted(m.name for m in tf.getmembers() if m.isfile() and m.name.startswith("tool/"))
+        script = tf.extractfile("work/galaxy_7.sh").read().decode()
+    assert shipped == ["tool/value.txt"]
+    assert f"$(cat {staging.PLACEHOLDER}/tool/value.txt)" in script and str(tools) not in script
