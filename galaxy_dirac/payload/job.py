@@ -203,7 +203,17 @@ class Payload:
 
     def _pack_work(self, work: str, before: Mapping[str, Tuple[int, int]]) -> None:
         """Archive what the job created or changed in Galaxy's working directory (results, metrics, exit code)."""
-        pairs = [(rel, os.path.join(work, rel)) for rel in changed_files(work, before)]
+        pairs = []
+        real_work = os.path.realpath(work)
+        for rel in changed_files(work, before):
+            path = os.path.join(work, rel)
+            target = os.path.realpath(path)
+            if os.path.islink(path) and not (target == real_work or target.startswith(real_work + os.sep)):
+                # A link to an input or elsewhere on the node (tools link their inputs under working/): it means
+                # nothing on the Galaxy host, and whatever Galaxy keeps of it the job script has copied already.
+                log.info("not sent back: %s links outside the job's working directory", rel)
+                continue
+            pairs.append((rel, path))
         try:
             create_archive(os.path.join(self.job_dir, WORK_TAR), pairs, "tar", base=work)
         except (ArchiveError, OSError) as exc:

@@ -280,3 +280,22 @@ def test_a_tool_directory_over_the_cap_still_sends_the_files_the_job_names(tmp_p
         script = tf.extractfile("work/galaxy_7.sh").read().decode()
     assert shipped == ["tool/value.txt"]
     assert f"$(cat {staging.PLACEHOLDER}/tool/value.txt)" in script and str(tools) not in script
+
+
+def test_links_to_inputs_in_the_working_directory_do_not_break_the_results(tmp_path: Path) -> None:
+    """Tools link their inputs under working/ (same basenames from several directories); those links stay behind."""
+    spec = _spec(tmp_path, transport="sandbox")
+    out = Path(spec.outputs[0])
+    work = Path(spec.working_directory) / "working"
+    Path(spec.job_script).write_text(
+        "#!/bin/sh\n"
+        f"mkdir -p {work}/first && ln -s {spec.inputs[0]} {work}/first/same.txt && ln -s first {work}/inside\n"
+        f"cat {work}/first/same.txt > {out}\necho 0 > {spec.exit_code_file}\n"
+    )
+    node, result = _run_on_node(tmp_path, spec, _node_env())
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(node / staging.WORK_TAR) as tf:
+        names = set(tf.getnames())
+    assert "working/first/same.txt" not in names and "galaxy_7.ec" in names
+    assert staging.install_results(spec, lambda: [_sandbox_of(node, [staging.STDOUT, staging.STDERR, staging.RESULTS])])
+    assert out.read_text() == "in one\n"
