@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 # Side venvs the tests start servers from (DiracX, Galaxy, Keystone+Nova); built once and reused across runs.
 SIDE_VENVS ?= $(shell $(PYTHON) -c "import sys; sys.path.insert(0, '.'); from tests.sidevenvs import KNOWN; print(' '.join(sorted(KNOWN)))")
 PYTEST_ARGS ?=
+# The tool-compatibility suite (tests/runner/test_tool_compat.py) is run apart with `make compat`: about 80 tool
+# tests three ways in one Galaxy take far longer than the rest of the suite on 2 cores.
+PYTEST_MARKS ?= not compat
 
-.PHONY: demo wms-demo test venv services lint bench clean
+.PHONY: demo wms-demo test compat venv services lint bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +32,11 @@ wms-demo: venv
 test: venv services
 	$(PY) -m tests.sidevenvs $(SIDE_VENVS)
 	$(VENV)/bin/ruff check galaxy_dirac sitedirector tests benchmarks scripts
-	$(PY) -m pytest -ra --timeout 900 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -ra --timeout 900 -m "$(PYTEST_MARKS)" $(PYTEST_ARGS) tests
+
+compat: venv services
+	$(PY) -m tests.sidevenvs galaxy
+	$(PY) -m pytest -ra -s -m compat $(PYTEST_ARGS) tests/runner/test_tool_compat.py
 
 lint: venv
 	$(VENV)/bin/ruff check galaxy_dirac sitedirector tests benchmarks scripts
