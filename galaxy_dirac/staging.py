@@ -63,7 +63,6 @@ BUNDLE_DIR = "__galaxy_dirac_bundle"
 BUNDLE_ARCHIVE = "galaxy_dirac_bundle.tar.bz2"
 RESULTS_DIR = "__galaxy_dirac_results"
 STATE_FILE = "galaxy_dirac_state.json"
-REWRITE_LIST = "galaxy_dirac_rewrite.list"
 
 #: Text files larger than this are bundled verbatim (not rewritten); a tool directory larger than the cap never travels
 #: whole, even when the job names the directory itself: only the files the job names do.
@@ -445,8 +444,6 @@ def build_bundle(spec: JobSpec) -> Bundle:
     os.chmod(os.path.join(root, LAUNCHER), 0o755)
     with open(os.path.join(root, ZIPAPP), "wb") as stream:
         stream.write(_payload_zipapp())
-    with open(os.path.join(root, REWRITE_LIST), "w", encoding="utf-8") as stream:
-        stream.write("".join(f"{rel}\n" for rel in rewrite))
     archive = os.path.join(work, BUNDLE_ARCHIVE)
     _sha, size = create_archive(archive, root, "tar.bz2")
     shutil.rmtree(root, ignore_errors=True)
@@ -581,7 +578,3 @@ def spec_to_dict(spec: JobSpec) -> Dict[str, object]:
 def spec_from_dict(data: Dict[str, object]) -> JobSpec:
     known = set(JobSpec.__dataclass_fields__)
     return JobSpec(**{k: v for k, v in data.items() if k in known})  # type: ignore[arg-type]
-
-
-def output_sandbox_patterns(transport_name: str) -> Sequence[str]:
-    return transport(transport_name).output_sandbox()
