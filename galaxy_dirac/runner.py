@@ -47,6 +47,7 @@ from galaxy_dirac import containers, job_metrics, staging, states
 from galaxy_dirac import jdl as jdl_mod
 from galaxy_dirac.client import LoginExpired, WMSClient, WMSError
 from galaxy_dirac.credentials import CREDENTIALS_ENV, default_credentials_file
+from galaxy_dirac.destination import DiracDestination, warn_unknown
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ FAILED_STATES = {states.FAILED, states.KILLED, states.DELETED}
 MAX_TRANSFER_RETRIES = 3
 #: Cycles a job may be missing from the scheduler's answer before it is failed.
 MAX_MISSING_CYCLES = 10
+#: Galaxy's own folders of reference data: data tables' .loc files point into them.
+GALAXY_REFERENCE_FOLDERS = ("tool_data_path", "shed_tool_data_path", "galaxy_data_manager_data_path")
 STATUS_PARAMETERS = [
     "JobID",
     "Status",
@@ -73,11 +76,6 @@ STATUS_PARAMETERS = [
 
 def _env(name: str) -> Optional[str]:
     return os.environ.get(name) or None
-
-
-def _integer(value: Any) -> Optional[int]:
-    """A whole number from a destination parameter; TPV templates give floats as text ("2.0")."""
-    return int(float(value)) if value not in (None, "") else None
 
 
 def _megabytes(value: Any) -> Optional[int]:
@@ -111,7 +109,8 @@ class _Pending:
 
     spec: staging.JobSpec
     bundle: staging.Bundle
-    params: Dict[str, Any]
+    destination: DiracDestination
+    params: Dict[str, Any]  # all of them, Galaxy's too (containers)
     retry_at: float = 0.0
 
 
@@ -138,6 +137,10 @@ class DiracJobRunner(AsynchronousJobRunner):
             # sandbox): a job that cannot fit is refused at submission, or fails on the node with a clear message.
             input_sandbox_limit=dict(map=str, default=None),
             output_sandbox_limit=dict(map=str, default=None),
+            # Reference data named by data tables (.loc paths): "stage" sends the files a job names with it; "node"
+            # when the nodes see Galaxy's tool data at the same paths (CVMFS). More folders: reference_data_paths.
+            reference_data=dict(map=str, valid=lambda x: x in ("stage", "node"), default="stage"),
+            reference_data_paths=dict(map=str, default=""),
         )
         kwargs["runner_param_specs"] = specs
         super().__init__(app, nworkers, **kwargs)
@@ -166,7 +169,7 @@ class DiracJobRunner(AsynchronousJobRunner):
     def _galaxy_url(self) -> Optional[str]:
         return self.runner_params["galaxy_url"] or getattr(self.app.config, "galaxy_infrastructure_url", None)
 
-    def _spec(self, job_wrapper: Any, params: Dict[str, Any], transport: str, exit_code_file: str) -> staging.JobSpec:
+    def _spec(self, job_wrapper: Any, dest: DiracDestination, exit_code_file: str) -> staging.JobSpec:
         job = job_wrapper.get_job()
         work = os.path.abspath(job_wrapper.working_directory)
         inputs: List[str] = []
@@ -179,7 +182,12 @@ class DiracJobRunner(AsynchronousJobRunner):
                 extra = None
             if extra and os.path.isdir(extra):
                 extra_dirs.append(extra)
-        outputs = [dp.real_path for dp in job_wrapper.job_io.get_output_fnames()]
+        outputs, output_extras = [], []
+        for dp in job_wrapper.job_io.get_output_fnames():
+            # With outputs_to_working_directory the job script writes false_path and Galaxy moves it afterwards.
+            outputs.append(dp.false_path or dp.real_path)
+            if dp.false_extra_files_path:
+                output_extras.append(dp.false_extra_files_path)
         tool = job_wrapper.tool
         return staging.JobSpec(
             galaxy_job_id=int(job.id),
@@ -188,48 +196,42 @@ class DiracJobRunner(AsynchronousJobRunner):
             inputs=inputs,
             input_extra_dirs=extra_dirs,
             outputs=outputs,
+            output_extra_dirs=output_extras,
+            reference_dirs=self._reference_dirs(dest),
             tool_dir=getattr(tool, "tool_dir", None),
-            transport=transport,
+            transport=dest.transport or self.runner_params["transport"],
             galaxy_url=self._galaxy_url(),
             encoded_job_id=self.app.security.encode_id(job.id),
             job_key=self.app.security.encode_id(job.id, kind="jobs_files"),
             exit_code_file=os.path.abspath(exit_code_file),
-            processors=_integer(params.get("processors")),
-            memory_mb=_integer(params.get("memory")),
-            max_input_bytes=_megabytes(params.get("input_sandbox_limit", self.runner_params["input_sandbox_limit"])),
-            max_output_bytes=_megabytes(params.get("output_sandbox_limit", self.runner_params["output_sandbox_limit"])),
+            processors=dest.processors,
+            memory_mb=dest.memory,
+            max_input_bytes=_megabytes(dest.input_sandbox_limit or self.runner_params["input_sandbox_limit"]),
+            max_output_bytes=_megabytes(dest.output_sandbox_limit or self.runner_params["output_sandbox_limit"]),
         )
 
-    def _jdl(self, job_wrapper: Any, params: Dict[str, Any], job_name: str, pfn: str, bundle: staging.Bundle) -> str:
+    def _reference_dirs(self, dest: DiracDestination) -> List[str]:
+        mode = dest.reference_data or self.runner_params["reference_data"]
+        if mode == "node":
+            return []
+        folders = [getattr(self.app.config, name, None) for name in GALAXY_REFERENCE_FOLDERS]
+        folders += dest.reference_data_paths or _list(self.runner_params["reference_data_paths"])
+        found = [os.path.abspath(str(f)) for f in folders if f and os.path.isdir(str(f))]
+        return [f for f in dict.fromkeys(found) if f != "/"]
+
+    def _jdl(self, job_wrapper: Any, pending: _Pending, job_name: str, pfn: str) -> str:
         attrs: Dict[str, Any] = {
             "Executable": staging.LAUNCHER,
             "JobName": job_name,
-            "JobGroup": str(params.get("job_group") or f"galaxy-{job_wrapper.tool.id}")[:64],
             "InputSandbox": [pfn],
-            "OutputSandbox": list(bundle.output_sandbox),
+            "OutputSandbox": list(pending.bundle.output_sandbox),
             "StdOutput": staging.STDOUT,
             "StdError": staging.STDERR,
+            **pending.destination.jdl_attributes(default_group=f"galaxy-{job_wrapper.tool.id}"),
         }
-        if params.get("site"):
-            attrs["Site"] = _list(params["site"])
-        if params.get("banned_sites"):
-            attrs["BannedSites"] = _list(params["banned_sites"])
-        if params.get("tags"):
-            attrs["Tags"] = _list(params["tags"])
-        if params.get("platform"):
-            attrs["Platform"] = str(params["platform"])
-        if params.get("processors"):
-            attrs["NumberOfProcessors"] = _integer(params["processors"])
-        if params.get("memory"):
-            # The slot must have it (MinRAM: matching) and the job must stay within it (MaxRAM: the watchdog).
-            attrs["MinRAM"] = attrs["MaxRAM"] = _integer(params["memory"])
-        if params.get("cpu_time"):
-            attrs["CPUTime"] = int(params["cpu_time"])
-        if params.get("priority") not in (None, ""):
-            attrs["Priority"] = int(params["priority"])
-        runtime = containers.runtime_tag(params)  # only a slot offering the container runtime may take the job
+        runtime = containers.runtime_tag(pending.params)  # only a slot offering the container runtime may take it
         if runtime and runtime not in attrs.get("Tags", []):
-            attrs.setdefault("Tags", []).append(runtime)
+            attrs["Tags"] = [*attrs.get("Tags", []), runtime]
         return jdl_mod.render(attrs)
 
     def _find_container(self, job_wrapper: Any, *args: Any, **kwargs: Any) -> Any:
@@ -242,13 +244,14 @@ class DiracJobRunner(AsynchronousJobRunner):
             return
         destination = job_wrapper.job_destination
         params = dict(destination.params or {})
-        transport = str(params.get("transport") or self.runner_params["transport"])
         job_state = DiracJobState(job_wrapper, destination)
         try:
+            dest = DiracDestination.parse(params)
+            warn_unknown(str(destination.id), dest)
             exit_code_path = job_state.exit_code_file
             script = self.get_job_file(job_wrapper, exit_code_path=exit_code_path, shell=job_wrapper.shell)
             self.write_executable_script(job_state.job_file, script, job_io=job_wrapper.job_io)
-            spec = self._spec(job_wrapper, params, transport, exit_code_path)
+            spec = self._spec(job_wrapper, dest, exit_code_path)
             bundle = staging.build_bundle(spec)
         except staging.BundleError as exc:
             log.info("(%s) refused before submission: %s", job_wrapper.get_id_tag(), exc)
@@ -258,7 +261,7 @@ class DiracJobRunner(AsynchronousJobRunner):
             log.exception("(%s) building the DIRAC job failed", job_wrapper.get_id_tag())
             job_wrapper.fail(f"Could not prepare the DIRAC job: {exc}", exception=True)
             return
-        job_state.pending = _Pending(spec, bundle, params)
+        job_state.pending = _Pending(spec, bundle, dest, params)
         self._submit(job_state)
 
     def _submit(self, job_state: DiracJobState) -> None:
@@ -273,7 +276,7 @@ class DiracJobRunner(AsynchronousJobRunner):
         try:
             pfn = self.client.upload_sandbox(pending.bundle.archive)
             job_name = f"{self.runner_params['job_name_prefix']}-{job_wrapper.job_id}-{uuid.uuid4().hex[:12]}"
-            text = self._jdl(job_wrapper, pending.params, job_name, pfn, pending.bundle)
+            text = self._jdl(job_wrapper, pending, job_name, pfn)
             job_state.needs = _needs(jdl_mod.parse(text))
             state = {"job_name": job_name, "spec": staging.spec_to_dict(spec), "dirac_id": None}
             state["needs"] = job_state.needs

@@ -11,10 +11,12 @@ Layout on the node (relative to the job directory)::
     galaxy_dirac_payload.pyz      the payload (stdlib zipapp); galaxy_dirac_payload.json says what to do
     work/                         Galaxy's job working directory (job script, tool script, configs, outputs/…)
     inputs/<name>                 input datasets, each once however often the job names it; <name>_files/… extras
-    outputs/<name>                output datasets
+    outputs/<name>                output datasets; dataset_<uuid>_files/… their extra files (composite, html)
     tool/                         the tool directory, or the files of it the job refers to
+    reference/<name>/             reference data (data tables' .loc paths) the job names, from Galaxy's tool data
     galaxy_dirac_work.tar         after the run: every file created or changed under work/ (tool_stdout/stderr,
                                   exit code, job metrics, from_work_dir and discovered outputs, extra files, …)
+    galaxy_dirac_extra.tar        transport galaxy: the outputs' extra files, pushed as one archive
     galaxy_dirac_results.tar      transport sandbox: outputs/… and galaxy_dirac_work.tar, relative names
 
 A transport is a small strategy object (:data:`TRANSPORTS`): ``galaxy`` has the payload pull inputs from and push
@@ -27,13 +29,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
+import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from galaxy_dirac.archive import create_archive, safe_extract
-from galaxy_dirac.payload import CONFIG, LAUNCHER, PLACEHOLDER, RESULTS, STDERR, STDOUT, WORK_TAR, ZIPAPP
+from galaxy_dirac.payload import CONFIG, EXTRA_TAR, LAUNCHER, PLACEHOLDER, RESULTS, STDERR, STDOUT, WORK_TAR, ZIPAPP
 from galaxy_dirac.pilot.build import payload_sources, zipapp_bytes
 
 __all__ = [
@@ -97,7 +101,11 @@ class JobSpec:
     job_script: str  # absolute path of the Galaxy job script (inside working_directory)
     inputs: List[str] = field(default_factory=list)  # input dataset files
     input_extra_dirs: List[str] = field(default_factory=list)  # their extra_files_path directories
-    outputs: List[str] = field(default_factory=list)  # output dataset files (real paths)
+    outputs: List[str] = field(default_factory=list)  # output dataset files (where the job script writes them)
+    output_extra_dirs: List[str] = field(default_factory=list)  # their extra files directories (may not exist yet)
+    #: Directories of reference data (Galaxy's tool data) whose files the job names travel with it; empty when the
+    #: nodes have them at the same paths (CVMFS).
+    reference_dirs: List[str] = field(default_factory=list)
     tool_dir: Optional[str] = None
     transport: str = "galaxy"
     galaxy_url: Optional[str] = None  # Galaxy as seen from the worker nodes (transport galaxy)
@@ -131,6 +139,11 @@ class PathMapper:
         out_names: Dict[str, int] = {}
         for path in _unique_paths(spec.outputs):
             self.files[path] = "outputs/" + self._unique(os.path.basename(path), out_names)
+        for path in _unique_paths(spec.output_extra_dirs):
+            self.dirs[path] = "outputs/" + self._unique(os.path.basename(path.rstrip("/")), out_names)
+        ref_names: Dict[str, int] = {}
+        for path in _unique_paths(spec.reference_dirs):
+            self.dirs[path] = "reference/" + self._unique(os.path.basename(path.rstrip("/")) or "root", ref_names)
         if spec.tool_dir and os.path.isdir(spec.tool_dir):  # what of it travels: tool_files
             self.dirs[os.path.abspath(spec.tool_dir)] = "tool"
 
@@ -230,6 +243,56 @@ def tool_files(tool_dir: str, texts: Sequence[str]) -> Optional[List[str]]:
     return wanted
 
 
+#: Where a path named in a command or config file ends.
+_PATH_END = re.compile(r"[\s'\"`;|&<>(){}\[\],=$]")
+
+
+def referenced_files(folder: str, texts: Sequence[str]) -> List[str]:
+    """Files under ``folder`` that the texts name: a file and its indexes, a directory (all of it), or a name prefix.
+
+    Data tables give tools reference data by absolute path (``${ref.fields.path}``): a FASTA whose indexes lie beside
+    it, or an index *prefix* such as ``hg19/bowtie2/hg19`` whose files are ``hg19.1.bt2``, ``hg19.rev.1.bt2`` … A
+    named path with ``..`` that leaves ``folder`` is ignored, and ``folder`` itself never travels whole.
+    """
+    base = os.path.abspath(folder)
+    found: Dict[str, None] = {}
+    for text in texts:
+        start = 0
+        while True:
+            at = text.find(base + "/", start)
+            if at < 0:
+                break
+            end_match = _PATH_END.search(text, at)
+            end = end_match.start() if end_match else len(text)
+            start = end
+            if at and (text[at - 1].isalnum() or text[at - 1] in "_-./"):
+                continue  # inside a longer path
+            path = os.path.normpath(text[at:end].rstrip(".:"))
+            if path.startswith(base + "/"):
+                found.update(dict.fromkeys(_expand_reference(path)))
+    return list(found)
+
+
+def _expand_reference(path: str) -> List[str]:
+    if os.path.isdir(path):
+        return [
+            os.path.join(folder, name)
+            for folder, _dirs, files in sorted(os.walk(path))
+            for name in sorted(files)
+            if os.path.isfile(os.path.join(folder, name))
+        ]
+    parent, stem = os.path.split(path)
+    if not stem or not os.path.isdir(parent):
+        return []
+    # A named file brings its indexes (bwa's ``g.fa`` → ``g.fa.bwt``, samtools' ``g.fa.fai``).
+    prefix = stem + "." if os.path.isfile(path) else stem
+    return [path] * os.path.isfile(path) + [
+        os.path.join(parent, name)
+        for name in sorted(os.listdir(parent))
+        if name.startswith(prefix) and os.path.isfile(os.path.join(parent, name))
+    ]
+
+
 def launcher_script() -> str:
     """The DIRAC Executable: run the payload zipapp with whichever Python the node has (DIRAC's own, or python3)."""
     return f"""#!/bin/sh
@@ -299,6 +362,8 @@ class GalaxyTransport(Transport):
 
     def add_outputs(self, spec: JobSpec, mapper: PathMapper, config: Dict[str, object]) -> None:
         outputs = [_push(spec, str(mapper.relative(p)), p, optional=True) for p in _unique_paths(spec.outputs)]
+        if spec.output_extra_dirs:
+            outputs.append(_push(spec, EXTRA_TAR, _pushed_extra_tar(spec), optional=True))
         outputs.append(_push(spec, WORK_TAR, _pushed_work_tar(spec), optional=False))
         config["outputs"] = outputs
 
@@ -312,6 +377,12 @@ class GalaxyTransport(Transport):
             )
         restore_work(spec, pushed)
         os.unlink(pushed)
+        extra = _pushed_extra_tar(spec)
+        if os.path.isfile(extra):
+            with tempfile.TemporaryDirectory(dir=spec.working_directory, prefix=RESULTS_DIR) as unpacked:
+                safe_extract(extra, unpacked, max_total_bytes=_extraction_cap(spec))
+                install_extra_files(spec, unpacked)
+            os.unlink(extra)
         return [p for p in _unique_paths(spec.outputs) if os.path.exists(p)]
 
 
@@ -373,6 +444,10 @@ def _pushed_work_tar(spec: JobSpec) -> str:
     return os.path.join(spec.working_directory, RESULTS_DIR + ".tar")
 
 
+def _pushed_extra_tar(spec: JobSpec) -> str:
+    return os.path.join(spec.working_directory, RESULTS_DIR + "-extra.tar")
+
+
 def transport(name: str) -> Transport:
     try:
         return TRANSPORTS[name]
@@ -393,7 +468,7 @@ def build_bundle(spec: JobSpec) -> Bundle:
     texts: List[str] = []
 
     # Galaxy's working directory, rewritten.
-    skip = {BUNDLE_DIR, BUNDLE_ARCHIVE, RESULTS_DIR, STATE_FILE, RESULTS_DIR + ".tar"}
+    skip = {BUNDLE_DIR, BUNDLE_ARCHIVE, RESULTS_DIR, STATE_FILE, RESULTS_DIR + ".tar", RESULTS_DIR + "-extra.tar"}
     _copy_tree(work, os.path.join(root, "work"), mapper, rewrite, "work", skip, texts=texts)
     tool_rel = mapper.dirs.get(os.path.abspath(spec.tool_dir)) if spec.tool_dir else None
     if tool_rel:
@@ -414,7 +489,10 @@ def build_bundle(spec: JobSpec) -> Bundle:
             for name in sorted(files):
                 full = os.path.join(dirpath, name)
                 input_files.append((full, str(mapper.relative(full))))
-    for path, rel in input_files:
+    for folder in _unique_paths(spec.reference_dirs):
+        for full in referenced_files(folder, texts):
+            input_files.append((full, str(mapper.relative(full))))
+    for path, rel in dict(input_files).items():  # a reference folder may hold an input dataset too
         strategy.add_input(spec, root, config, path, rel)
     # Galaxy creates empty output files before a job runs and job scripts rely on it (from_work_dir copies test
     # ``-f <output>``), so the bundle carries them empty too.
@@ -424,6 +502,7 @@ def build_bundle(spec: JobSpec) -> Bundle:
         open(dest, "wb").close()
     payload: Dict[str, object] = dict(config)
     strategy.add_outputs(spec, mapper, payload)
+    payload["output_dirs"] = [str(mapper.relative(p)) for p in _unique_paths(spec.output_extra_dirs)]
     payload.update(
         {
             "transport": strategy.name,
@@ -543,10 +622,20 @@ def install_sandbox_outputs(spec: JobSpec, extracted_root: str) -> List[str]:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             shutil.copyfile(source, path)
             placed.append(path)
+    install_extra_files(spec, extracted_root)
     tar = os.path.join(extracted_root, WORK_TAR)
     if os.path.isfile(tar):
         restore_work(spec, tar)
     return placed
+
+
+def install_extra_files(spec: JobSpec, extracted_root: str) -> None:
+    """Copy ``outputs/dataset_<uuid>_files/…`` of the unpacked results into the outputs' extra files directories."""
+    mapper = PathMapper(spec)
+    for path in _unique_paths(spec.output_extra_dirs):
+        source = os.path.join(extracted_root, str(mapper.relative(path)))
+        if os.path.isdir(source):
+            shutil.copytree(source, path, dirs_exist_ok=True)
 
 
 def install_results(spec: JobSpec, sandboxes: Callable[[], List[io.BytesIO]]) -> List[str]:

@@ -9,8 +9,9 @@ the standard library only: ``galaxy_dirac_launch.sh`` (the Executable) finds a P
 2. transport ``galaxy``: pulls the inputs from Galaxy's job files API (retries, resume);
 3. sets ``GALAXY_SLOTS`` / ``GALAXY_MEMORY_MB`` from what the slot gives the job;
 4. runs the Galaxy job script and packs every file it created or changed under ``work/`` (:data:`WORK_TAR`);
-5. transport ``galaxy``: pushes outputs and that archive to Galaxy; ``sandbox``: writes one archive with relative
-   members (:data:`RESULTS`) that the OutputSandbox lists, so whatever tars the sandbox, the runner finds it.
+5. transport ``galaxy``: pushes outputs, that archive and one of the outputs' extra files (:data:`EXTRA_TAR`) to
+   Galaxy; ``sandbox``: writes one archive with relative members (:data:`RESULTS`: outputs, their extra files and
+   the work archive) that the OutputSandbox lists, so whatever tars the sandbox, the runner finds it.
 
 It exits 0 when the job script ran to its end and its results are delivered; a tool's failure is Galaxy's to judge.
 A failure of its own exits with one of :data:`galaxy_dirac.states.PAYLOAD_EXIT_CODES` and says why on stderr, which
@@ -22,6 +23,8 @@ LAUNCHER = "galaxy_dirac_launch.sh"
 ZIPAPP = "galaxy_dirac_payload.pyz"
 CONFIG = "galaxy_dirac_payload.json"
 WORK_TAR = "galaxy_dirac_work.tar"
+#: Transport ``galaxy``: the files the job wrote into its outputs' extra files directories (composite, html).
+EXTRA_TAR = "galaxy_dirac_extra.tar"
 RESULTS = "galaxy_dirac_results.tar"
 STDOUT = "galaxy_dirac.out"
 STDERR = "galaxy_dirac.err"

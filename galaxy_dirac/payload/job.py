@@ -16,7 +16,7 @@ import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from galaxy_dirac.archive import ArchiveError, create_archive
-from galaxy_dirac.payload import CONFIG, PLACEHOLDER, RESULTS, WORK_TAR
+from galaxy_dirac.payload import CONFIG, EXTRA_TAR, PLACEHOLDER, RESULTS, WORK_TAR
 from galaxy_dirac.pilot.http import Backoff
 from galaxy_dirac.pilot.staging import ManifestError, StagingError, Transfers, confined_path, parse_manifest
 from galaxy_dirac.states import (
@@ -219,10 +219,28 @@ class Payload:
         except (ArchiveError, OSError) as exc:
             raise PayloadFailure(PAYLOAD_ERROR, f"cannot pack the job's results: {exc}") from None
 
+    def _extra_files(self) -> List[Tuple[str, str]]:
+        """(relative, path) of every regular file the job wrote into its outputs' extra files directories."""
+        pairs = []
+        for rel in self.config.get("output_dirs") or []:
+            root = self._path(str(rel))
+            for folder, dirs, files in os.walk(root):
+                dirs.sort()
+                for name in sorted(files):
+                    path = os.path.join(folder, name)
+                    if os.path.isfile(path) and not os.path.islink(path):
+                        pairs.append((os.path.relpath(path, self.job_dir), path))
+        return pairs
+
     def _deliver(self) -> None:
+        extra = self._extra_files()
         if self.transport == "galaxy":
             try:
+                if extra:  # one archive, not one request per file: an html report can have thousands
+                    create_archive(os.path.join(self.job_dir, EXTRA_TAR), extra, "tar", base=self.job_dir)
                 self.transfers.stage_out(self.manifest.outputs, self.job_dir)
+            except ArchiveError as exc:
+                raise PayloadFailure(PAYLOAD_ERROR, f"cannot pack the outputs' extra files: {exc}") from None
             except (StagingError, ManifestError, OSError) as exc:
                 raise PayloadFailure(OUTPUT_STAGING_FAILED, f"pushing the results to Galaxy failed: {exc}") from None
             return
@@ -231,6 +249,7 @@ class Payload:
             path = self._path(str(rel))
             if os.path.isfile(path):
                 pairs.append((str(rel), path))
+        pairs += extra
         results = os.path.join(self.job_dir, RESULTS)
         try:
             _sha, size = create_archive(results, pairs, "tar", base=self.job_dir)

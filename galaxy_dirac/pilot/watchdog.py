@@ -162,12 +162,12 @@ def kill_tree(pgid: int, grace: float, still_running: Callable[[], bool]) -> Non
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            if not still_running() and not _live(process_tree(pgid)):
+            if not still_running() and not live(process_tree(pgid)):
                 return
             time.sleep(0.05)
 
 
-def _live(pids: List[int]) -> bool:
+def live(pids: List[int]) -> bool:
     """Whether any of ``pids`` is still running (zombies waiting to be reaped do not count)."""
     for pid in pids:
         fields = _read_stat(pid)

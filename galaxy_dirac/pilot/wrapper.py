@@ -33,6 +33,7 @@ from galaxy_dirac.archive import (
     safe_extract,
 )
 from galaxy_dirac.payload import LAUNCHER
+from galaxy_dirac.pilot import guard
 from galaxy_dirac.pilot import watchdog as wd
 from galaxy_dirac.pilot.http import Backoff, Client, ssl_context
 from galaxy_dirac.pilot.outbox import FAILED_OUTPUT_SANDBOX, Outbox
@@ -408,6 +409,11 @@ class JobWrapper:
                 if stderr is not subprocess.STDOUT:
                     stderr.close()
         log.info("job %d: payload started, pid %d: %s", self.job_id, process.pid, shlex.join(command))
+        try:
+            payload_guard: Optional[guard.Guard] = guard.start(process.pid, self.settings.kill_grace)
+        except OSError as exc:  # the job still runs; only a pilot killed outright could leave it behind
+            log.warning("job %d: no guard for the payload: %s", self.job_id, exc)
+            payload_guard = None
         self.watchdog = wd.Watchdog(
             process.pid,
             job_id=self.job_id,
@@ -424,6 +430,8 @@ class JobWrapper:
         exit_code = process.wait()
         self.watchdog.join(timeout=self.settings.kill_grace + 5)
         wd.kill_tree(process.pid, 0.0, lambda: False)
+        if payload_guard is not None:
+            payload_guard.release()
         log.info("job %d: payload exited with %d", self.job_id, exit_code)
         reason = self.watchdog.reason
         if reason is not None and reason not in ("Kill", "abort", wd.LOST):

@@ -27,6 +27,7 @@ import requests
 
 from galaxy_dirac.archive import create_archive, safe_extract, sha256_file
 from galaxy_dirac.pilot.build import build_zipapp
+from galaxy_dirac.pilot.watchdog import live
 from tests.conftest import wait_for
 
 from .conftest import FileStore, LocalServer
@@ -473,14 +474,20 @@ def test_sigkilled_pilots_job_is_rescheduled_and_completed_by_another(pyz, site,
     try:
         pids = tmp_path / "payload.pids"
         cleanup[1].append(pids)
-        command = f"-c 'echo $$ >> {pids}; sleep 2; echo finished > result.txt'"
-        job_id = wms.submit(jdl(site, Executable="/bin/sh", Arguments=command, OutputSandbox=["result.txt"]))
+        marker = tmp_path / "first-attempt"
+        # The first attempt would run for minutes and leaves a stray in a session of its own; the second finishes.
+        script = (
+            f"if [ -e {marker} ]; then echo finished > result.txt; exit 0; fi; touch {marker}; "
+            f"echo $$ >> {pids}; setsid sleep 300 & echo $! >> {pids}; sleep 300"
+        )
+        job_id = wms.submit(jdl(site, Executable="/bin/sh", Arguments=f"-c '{script}'", OutputSandbox=["result.txt"]))
         first = Pilot(pyz, wms, tmp_path / "first", site, "--max-empty-matches", "1")
         cleanup[0].append(first)
         wms.wait_status(job_id, ("Running",), 60, minor="Application")
-        wait_for(lambda: pids.exists() and pids.read_text().strip(), 10, "the payload to start")
-        first.kill()
-        os.killpg(int(pids.read_text().split()[0]), signal.SIGKILL)  # the batch system takes the slot's processes
+        wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, 10, "the payload to start")
+        first.kill()  # SIGKILL to the pilot's process group only: the payload runs in a session of its own
+        payload = [int(pid) for pid in pids.read_text().split()]
+        wait_for(lambda: not live(payload), 15, "the payload of the killed pilot to be killed by its guard")
 
         wms.wait_status(job_id, ("Waiting",), 30)
         second = Pilot(pyz, wms, tmp_path / "second", site, "--max-empty-matches", "2")

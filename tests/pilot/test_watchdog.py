@@ -61,7 +61,7 @@ def test_tree_includes_descendants_that_left_the_session(tmp_path):
         assert process.pid in tree
         wd.kill_tree(process.pid, 1.0, lambda: process.poll() is None)
         process.wait(timeout=5)
-        wait_until(lambda: not wd._live(tree), timeout=5)
+        wait_until(lambda: not wd.live(tree), timeout=5)
     finally:
         if process.poll() is None:
             process.kill()

@@ -299,3 +299,132 @@ def test_links_to_inputs_in_the_working_directory_do_not_break_the_results(tmp_p
     assert "working/first/same.txt" not in names and "galaxy_7.ec" in names
     assert staging.install_results(spec, lambda: [_sandbox_of(node, [staging.STDOUT, staging.STDERR, staging.RESULTS])])
     assert out.read_text() == "in one\n"
+
+
+def _composite_spec(tmp_path: Path, transport: str) -> staging.JobSpec:
+    """A job that reads reference data a data table names (an index prefix) and writes an html output's extra files."""
+    spec = _spec(tmp_path, transport=transport)
+    tool_data = tmp_path / "galaxy" / "tool-data"
+    (tool_data / "hg19" / "bowtie2").mkdir(parents=True)
+    for name in ("hg19.1.bt2", "hg19.rev.1.bt2"):
+        (tool_data / "hg19" / "bowtie2" / name).write_text(f"index {name}\n")
+    (tool_data / "hg19" / "bowtie2" / "other.1.bt2").write_text("not named\n")
+    (tool_data / "secret.loc").write_text("not named either\n")
+    out = Path(spec.outputs[0])
+    extra = out.parent / "dataset_2_files"
+    index = tool_data / "hg19" / "bowtie2" / "hg19"
+    Path(spec.job_script).write_text(
+        "#!/bin/sh\n"
+        f"mkdir -p '{extra}/img' && cat '{index}.1.bt2' '{index}.rev.1.bt2' > '{extra}/img/index.txt'\n"
+        f"echo '<a href=\"img/index.txt\">' > '{out}'\n"
+        f"ls {tool_data}/../tool-data/../files > /dev/null 2>&1; echo 0 > {spec.exit_code_file}\n"
+    )
+    spec.output_extra_dirs = [str(extra)]
+    spec.reference_dirs = [str(tool_data)]
+    return spec
+
+
+def test_reference_data_and_output_extra_files_travel_by_sandbox(tmp_path: Path) -> None:
+    spec = _composite_spec(tmp_path, "sandbox")
+    bundle = staging.build_bundle(spec)
+    with tarfile.open(bundle.archive) as tf:
+        shipped = {m.name for m in tf.getmembers() if m.isfile() and m.name.startswith("reference/")}
+    assert shipped == {f"reference/tool-data/hg19/bowtie2/hg19.{n}.bt2" for n in ("1", "rev.1")}
+    assert bundle.config["output_dirs"] == ["outputs/dataset_2_files"]
+    node = tmp_path / "node"
+    node.mkdir()
+    safe_extract(bundle.archive, node)
+    result = subprocess.run(["/bin/sh", staging.LAUNCHER], cwd=node, capture_output=True, text=True, env=_node_env())
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(node / staging.RESULTS) as tf:
+        assert "outputs/dataset_2_files/img/index.txt" in tf.getnames()
+    extra = Path(spec.output_extra_dirs[0])
+    assert not extra.exists()
+    staging.install_results(spec, lambda: [_sandbox_of(node, bundle.output_sandbox)])
+    assert (extra / "img" / "index.txt").read_text() == "index hg19.1.bt2\nindex hg19.rev.1.bt2\n"
+
+
+class _JobFilesApi:
+    """Galaxy's job files API as the payload uses it (GET ?path=, multipart POST path+file), on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+        import urllib.parse
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        api = self
+        self.pushed: list = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+                data = Path(query["path"][0]).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
+                parts = {
+                    p.get_param("name", header="content-disposition"): p
+                    for p in BytesParser(policy=HTTP).parsebytes(head + body).iter_parts()
+                }
+                target = Path(parts["path"].get_content().strip())
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(parts["file"].get_payload(decode=True))
+                api.pushed.append(str(target))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_reference_data_and_output_extra_files_travel_through_the_job_files_api(tmp_path: Path) -> None:
+    api = _JobFilesApi()
+    try:
+        spec = _composite_spec(tmp_path, "galaxy")
+        spec.galaxy_url = api.url
+        bundle = staging.build_bundle(spec)
+        pulled = sorted(entry["path"] for entry in bundle.config["inputs"] if entry["path"].startswith("reference/"))
+        assert pulled == [f"reference/tool-data/hg19/bowtie2/hg19.{n}.bt2" for n in ("1", "rev.1")]
+        node, result = _run_on_node(tmp_path, spec, _node_env())
+        assert result.returncode == 0, result.stderr
+        # One archive for all extra files, not one request each.
+        assert sum(1 for p in api.pushed if "extra" in os.path.basename(p)) == 1
+        staging.install_results(spec, lambda: [])
+        extra = Path(spec.output_extra_dirs[0])
+        assert (extra / "img" / "index.txt").read_text() == "index hg19.1.bt2\nindex hg19.rev.1.bt2\n"
+        assert Path(spec.outputs[0]).read_text() == '<a href="img/index.txt">\n'
+        assert not list(Path(spec.working_directory).glob("__galaxy_dirac_results*"))
+    finally:
+        api.server.shutdown()
+
+
+def test_named_reference_paths_expand_but_never_leave_their_folder(tmp_path: Path) -> None:
+    data = tmp_path / "tool-data"
+    (data / "genome").mkdir(parents=True)
+    for name in ("g.fa", "g.fa.fai", "g.dict"):
+        (data / "genome" / name).write_text(f"{name}\n")
+    (data / "table.loc").write_text("x\n")
+    (tmp_path / "secret").write_text("no\n")
+    genome = [str(data / "genome" / n) for n in ("g.dict", "g.fa", "g.fa.fai")]
+
+    def found(text: str) -> list:
+        return sorted(staging.referenced_files(str(data), [text]))
+
+    assert found(f"bwa mem '{data}/genome/g.fa' > out") == genome[1:]  # the file and its indexes
+    assert found(f"--index={data}/genome, done") == genome  # a directory: all of it
+    assert found(f"bowtie2 -x {data}/genome/g -U in") == genome  # an index prefix
+    assert found(f"cat {data}/../secret {data}/genome/../../secret") == []  # never outside the folder
+    assert found(f"ls {data} {data}/ {data}/missing/x x{data}/table.loc") == []  # nor the folder itself
