@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 # Side venvs the tests start servers from (DiracX, Galaxy, Keystone+Nova); built once and reused across runs.
 SIDE_VENVS ?= $(shell $(PYTHON) -c "import sys; sys.path.insert(0, '.'); from tests.sidevenvs import KNOWN; print(' '.join(sorted(KNOWN)))")
 PYTEST_ARGS ?=
-# The tool-compatibility suite (tests/runner/test_tool_compat.py) is run apart with `make compat`: about 80 tool
-# tests three ways in one Galaxy take far longer than the rest of the suite on 2 cores.
-PYTEST_MARKS ?= not compat
+# Marker expression for a slice, e.g. PYTEST_MARKS="not slow"; empty runs everything, the tool-compatibility suite
+# (tests/runner/test_tool_compat.py, about 25 minutes on 2 cores) included. `make compat` runs that suite alone.
+PYTEST_MARKS ?=
 
 .PHONY: demo wms-demo test compat venv services lint bench clean
 

@@ -19,9 +19,7 @@ after a 401 (see :mod:`galaxy_dirac.credentials`); when it cannot be refreshed a
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import inspect
 import io
 import os
 import random
@@ -29,10 +27,10 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from galaxy_dirac import jdl as jdl_mod
+from galaxy_dirac.sessions import retrying_session
+from galaxy_dirac.times import format_time, now
 
 if TYPE_CHECKING:
     from galaxy_dirac.credentials import DiracxCredentials
@@ -41,7 +39,6 @@ if TYPE_CHECKING:
 MAX_JDLS_PER_REQUEST = 20
 #: Rows asked for per search page.
 SEARCH_PAGE_SIZE = 500
-RETRYABLE_STATUS = (502, 503, 504)
 #: POST routes that change nothing (or nothing twice): retried like GETs.
 IDEMPOTENT_POSTS = ("api/jobs/search", "api/jobs/summary", "api/jobs/sandbox")
 
@@ -74,10 +71,6 @@ class LoginExpired(WMSError):
         self.path = path
 
 
-def _now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
-
-
 def _attribute_names(text: str) -> tuple:
     try:
         return tuple(sorted(jdl_mod.parse(text)))
@@ -91,34 +84,6 @@ def _job_name(text: str) -> Optional[str]:
     except Exception:  # noqa: BLE001 - unparsable: the server refuses it with a 400, nothing to look up
         return None
     return name if isinstance(name, str) and name else None
-
-
-def _retry(retries: int, backoff: float, *, replay: bool) -> Retry:
-    """urllib3's retry policy; without ``replay`` only errors raised before the request was sent are retried."""
-    kwargs: Dict[str, Any] = dict(
-        total=retries,
-        connect=retries,
-        read=retries if replay else 0,
-        status=retries if replay else 0,
-        other=0,
-        allowed_methods=None,  # every verb: which calls may be replayed is decided by the session they go through
-        status_forcelist=RETRYABLE_STATUS if replay else (),
-        backoff_factor=backoff,
-        respect_retry_after_header=True,
-        raise_on_status=False,
-        raise_on_redirect=False,
-    )
-    accepted = inspect.signature(Retry.__init__).parameters
-    if "backoff_jitter" in accepted:  # urllib3 >= 2
-        kwargs["backoff_jitter"] = backoff
-    if "backoff_max" in accepted:
-        kwargs["backoff_max"] = 10.0
-    return Retry(**kwargs)
-
-
-def _mount(session: requests.Session, retry: Retry) -> None:
-    for prefix in ("http://", "https://"):
-        session.mount(prefix, HTTPAdapter(max_retries=retry))
 
 
 class WMSClient:
@@ -165,16 +130,12 @@ class WMSClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self.session = session or requests.Session()
-        self.session.verify = verify
-        _mount(self.session, _retry(retries, backoff, replay=True))
+        self.session = retrying_session(retries, backoff, replay=True, verify=verify, session=session)
         #: For calls that must not be replayed (submission, reschedule): same settings, no read/status retries.
-        self.once = requests.Session()
-        self.once.verify = verify
+        self.once = retrying_session(retries, backoff, replay=False, verify=verify)
         self.once.trust_env = self.session.trust_env
         self.once.proxies = dict(self.session.proxies)
         self.once.cert = self.session.cert
-        _mount(self.once, _retry(retries, backoff, replay=False))
 
     # -- plumbing -----------------------------------------------------------------------------------------------------
 
@@ -382,7 +343,7 @@ class WMSClient:
 
     def set_status(self, updates: Mapping[int, Mapping[str, Any]], force: bool = False) -> Dict[str, Any]:
         """``{job_id: {"Status"?, "MinorStatus"?, "ApplicationStatus"?, "Source"?}}``, stamped now (timezone-aware)."""
-        when = _now_iso()
+        when = format_time(now())
         body = {str(job_id): {when: dict(fields)} for job_id, fields in updates.items()}
         response = self.request("PATCH", "api/jobs/status", params={"force": str(force).lower()}, json=body)
         return response.json()

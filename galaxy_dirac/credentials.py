@@ -24,10 +24,9 @@ import time
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from galaxy_dirac.client import LoginExpired, WMSError
+from galaxy_dirac.sessions import retrying_session
 
 #: The OAuth2 client id DiracX accepts for its own clients (``DIRACX_SERVICE_AUTH_DIRAC_CLIENT_ID``'s default;
 #: DiracX's docs: "There is no real reason to change that"). The device flow refuses any other.
@@ -114,12 +113,7 @@ def locked(path: str) -> Iterator[None]:
 def _token_session(verify: Union[bool, str]) -> requests.Session:
     """Token calls are retried on connection errors only: those happen before the request is sent, so a retry can
     never present a refresh token that the server already consumed."""
-    session = requests.Session()
-    session.verify = verify
-    retry = Retry(total=3, connect=3, read=0, status=0, other=0, backoff_factor=0.5, allowed_methods=None)
-    session.mount("http://", HTTPAdapter(max_retries=retry))
-    session.mount("https://", HTTPAdapter(max_retries=retry))
-    return session
+    return retrying_session(3, 0.5, replay=False, verify=verify)
 
 
 def _detail(response: requests.Response) -> str:

@@ -31,7 +31,6 @@ twice.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import threading
@@ -48,6 +47,7 @@ from galaxy_dirac import jdl as jdl_mod
 from galaxy_dirac.client import LoginExpired, WMSClient, WMSError
 from galaxy_dirac.credentials import CREDENTIALS_ENV, default_credentials_file
 from galaxy_dirac.destination import DiracDestination, warn_unknown
+from galaxy_dirac.times import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +460,7 @@ class DiracJobRunner(AsynchronousJobRunner):
                 job.add_metric("dirac", "site", str(row["Site"]))
             start, end = row.get("StartExecTime"), row.get("EndExecTime")
             if start and end:
-                wall = (_parse_time(end) - _parse_time(start)).total_seconds()
+                wall = (parse_time(end) - parse_time(start)).total_seconds()
                 job.add_metric("dirac", "wall_clock_seconds", max(0.0, wall))
             if row.get("RescheduleCounter") is not None:
                 job.add_metric("dirac", "reschedule_count", int(row["RescheduleCounter"]))
@@ -513,18 +513,7 @@ class DiracJobRunner(AsynchronousJobRunner):
             blobs = self.client.download_output_sandboxes(int(str(job_state.job_id)))
         except Exception:  # noqa: BLE001
             return ""
-        import tarfile
-
-        for blob in blobs:
-            try:
-                with tarfile.open(fileobj=blob, mode="r:*") as tf:
-                    member = tf.getmember(staging.STDERR)
-                    handle = tf.extractfile(member)
-                    if handle is not None:
-                        return handle.read()[-8000:].decode("utf-8", errors="replace")
-            except (KeyError, tarfile.TarError):
-                continue
-        return ""
+        return staging.sandbox_member(blobs, staging.STDERR, limit=8000).decode("utf-8", errors="replace")
 
     # -- control ------------------------------------------------------------------------------------------------------
 
@@ -596,9 +585,3 @@ def _payload_failure(stderr: str) -> Optional[str]:
     return None
 
 
-def _parse_time(value: Any) -> dt.datetime:
-    text = str(value).replace("Z", "+00:00")
-    parsed = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed

@@ -31,13 +31,27 @@ import json
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from galaxy_dirac.archive import create_archive, safe_extract
-from galaxy_dirac.payload import CONFIG, EXTRA_TAR, LAUNCHER, PLACEHOLDER, RESULTS, STDERR, STDOUT, WORK_TAR, ZIPAPP
+from galaxy_dirac.payload import (
+    ATTEMPT,
+    ATTEMPT_LINE,
+    ATTEMPTS_DIR,
+    CONFIG,
+    EXTRA_TAR,
+    LAUNCHER,
+    PLACEHOLDER,
+    RESULTS,
+    STDERR,
+    STDOUT,
+    WORK_TAR,
+    ZIPAPP,
+)
 from galaxy_dirac.pilot.build import payload_sources, zipapp_bytes
 
 __all__ = [
@@ -348,7 +362,12 @@ class Transport:
 
 
 class GalaxyTransport(Transport):
-    """The payload pulls inputs from and pushes outputs to Galaxy's job files API, as Pulsar does."""
+    """The payload pulls inputs from and pushes outputs to Galaxy's job files API, as Pulsar does.
+
+    Each run pushes into a folder of its own in the working directory (:data:`ATTEMPTS_DIR`); once the DIRAC job is
+    Done, the run its output sandbox names is moved into place, so a rescheduled job's earlier run that is still
+    going on a lost node can never overwrite or mix into the results.
+    """
 
     name = "galaxy"
 
@@ -361,29 +380,66 @@ class GalaxyTransport(Transport):
         config["inputs"].append(entry)
 
     def add_outputs(self, spec: JobSpec, mapper: PathMapper, config: Dict[str, object]) -> None:
-        outputs = [_push(spec, str(mapper.relative(p)), p, optional=True) for p in _unique_paths(spec.outputs)]
+        run = os.path.join(spec.working_directory, ATTEMPTS_DIR, ATTEMPT)
+        rels = [str(mapper.relative(p)) for p in _unique_paths(spec.outputs)]
+        outputs = [_push(spec, rel, os.path.join(run, rel), optional=True) for rel in rels]
         if spec.output_extra_dirs:
-            outputs.append(_push(spec, EXTRA_TAR, _pushed_extra_tar(spec), optional=True))
-        outputs.append(_push(spec, WORK_TAR, _pushed_work_tar(spec), optional=False))
+            outputs.append(_push(spec, EXTRA_TAR, os.path.join(run, EXTRA_TAR), optional=True))
+        outputs.append(_push(spec, WORK_TAR, os.path.join(run, WORK_TAR), optional=False))
         config["outputs"] = outputs
 
     def install(self, spec: JobSpec, sandboxes: Callable[[], List[io.BytesIO]]) -> List[str]:
-        """The outputs are in place already; the work archive the payload pushed must be there, or nothing is."""
-        pushed = _pushed_work_tar(spec)
-        if not os.path.isfile(pushed):
+        """Move the current run's pushed results into place; no run named, or nothing pushed, is a failure."""
+        attempts = os.path.join(spec.working_directory, ATTEMPTS_DIR)
+        attempt = attempt_of(sandbox_member(sandboxes(), STDOUT))
+        run = os.path.join(attempts, attempt) if attempt else ""
+        legacy = os.path.join(spec.working_directory, RESULTS_DIR + ".tar")
+        if not attempt and os.path.isfile(legacy):  # submitted before runs had folders of their own (0.x upgrade)
+            restore_work(spec, legacy)
+            os.unlink(legacy)
+            return [p for p in _unique_paths(spec.outputs) if os.path.exists(p)]
+        if not (attempt and os.path.isfile(os.path.join(run, WORK_TAR))):
             raise ResultsMissing(
                 "the job's results never reached Galaxy (no pushed work archive): the worker node could not reach "
                 "Galaxy's job files API, or the job ran on a node without the payload"
             )
-        restore_work(spec, pushed)
-        os.unlink(pushed)
-        extra = _pushed_extra_tar(spec)
-        if os.path.isfile(extra):
-            with tempfile.TemporaryDirectory(dir=spec.working_directory, prefix=RESULTS_DIR) as unpacked:
-                safe_extract(extra, unpacked, max_total_bytes=_extraction_cap(spec))
+        mapper = PathMapper(spec)
+        placed = []
+        for path in _unique_paths(spec.outputs):
+            source = os.path.join(run, str(mapper.relative(path)))
+            if os.path.isfile(source):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                shutil.move(source, path)
+                placed.append(path)
+        if os.path.isfile(os.path.join(run, EXTRA_TAR)):
+            with tempfile.TemporaryDirectory(dir=attempts) as unpacked:
+                safe_extract(os.path.join(run, EXTRA_TAR), unpacked, max_total_bytes=_extraction_cap(spec))
                 install_extra_files(spec, unpacked)
-            os.unlink(extra)
-        return [p for p in _unique_paths(spec.outputs) if os.path.exists(p)]
+        restore_work(spec, os.path.join(run, WORK_TAR))
+        shutil.rmtree(attempts, ignore_errors=True)  # this run's leftovers and any earlier run's
+        return placed
+
+
+def attempt_of(stdout: bytes) -> Optional[str]:
+    """The run id the payload wrote on its stdout (the last one: a node may have restarted it)."""
+    found = re.findall(rb"^" + re.escape(ATTEMPT_LINE.encode()) + rb"([0-9a-f]{16})\s*$", stdout, re.M)
+    return found[-1].decode() if found else None
+
+
+def sandbox_member(blobs: Iterable[io.BytesIO], name: str, limit: int = 1 << 20) -> bytes:
+    """The last ``limit`` bytes of file ``name`` in the output sandbox archives (any path prefix), or b""."""
+    for blob in blobs:
+        try:
+            with tarfile.open(fileobj=blob, mode="r:*") as tf:
+                members = [m for m in tf.getmembers() if m.isfile() and os.path.basename(m.name) == name]
+                for member in sorted(members, key=lambda m: len(m.name)):
+                    handle = tf.extractfile(member)
+                    if handle is not None:
+                        handle.seek(max(0, member.size - limit))
+                        return handle.read()
+        except (tarfile.TarError, OSError):
+            continue
+    return b""
 
 
 class SandboxTransport(Transport):
@@ -440,12 +496,6 @@ def _extraction_cap(spec: JobSpec) -> int:
     return 4 * int(spec.max_output_bytes) if spec.max_output_bytes else 10 * 1024**3
 
 
-def _pushed_work_tar(spec: JobSpec) -> str:
-    return os.path.join(spec.working_directory, RESULTS_DIR + ".tar")
-
-
-def _pushed_extra_tar(spec: JobSpec) -> str:
-    return os.path.join(spec.working_directory, RESULTS_DIR + "-extra.tar")
 
 
 def transport(name: str) -> Transport:
@@ -468,7 +518,7 @@ def build_bundle(spec: JobSpec) -> Bundle:
     texts: List[str] = []
 
     # Galaxy's working directory, rewritten.
-    skip = {BUNDLE_DIR, BUNDLE_ARCHIVE, RESULTS_DIR, STATE_FILE, RESULTS_DIR + ".tar", RESULTS_DIR + "-extra.tar"}
+    skip = {BUNDLE_DIR, BUNDLE_ARCHIVE, RESULTS_DIR, STATE_FILE, ATTEMPTS_DIR}
     _copy_tree(work, os.path.join(root, "work"), mapper, rewrite, "work", skip, texts=texts)
     tool_rel = mapper.dirs.get(os.path.abspath(spec.tool_dir)) if spec.tool_dir else None
     if tool_rel:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import requests
 
+from galaxy_dirac.sessions import retrying_session
+
 from . import policy
 from .bundle import Bundle
 from .ce.base import (
@@ -55,18 +57,20 @@ class SchedulerClient:
         self.token = token
         self._local = threading.local()  # requests.Session is not thread-safe; queue threads get their own
 
-    @property
-    def session(self) -> requests.Session:
-        """This thread's HTTP session (kept open between cycles)."""
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            session.headers["Authorization"] = f"Bearer {self.token}"
-        return session
+    def session(self, replay: bool) -> requests.Session:
+        """This thread's HTTP session (kept open between cycles); reads are replayed on a lost answer, changes not."""
+        sessions = getattr(self._local, "sessions", None)
+        if sessions is None:
+            headers = {"Authorization": f"Bearer {self.token}"}
+            sessions = self._local.sessions = {
+                kind: retrying_session(3, 0.5, replay=kind, headers=headers) for kind in (True, False)
+            }
+        return sessions[replay]
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            resp = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
+            session = self.session(replay=method == "GET")
+            resp = session.request(method, self.url + path, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
             raise SchedulerError(f"{method} {path}: {exc}") from exc
         if resp.status_code >= 400:

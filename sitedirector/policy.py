@@ -14,6 +14,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from galaxy_dirac.times import parse_time
+
 from .ce.base import FINAL_STATES, RUNNING, UNKNOWN, WAITING_STATES
 
 
@@ -100,10 +102,7 @@ def _age(row: Mapping[str, Any], now: dt.datetime) -> float:
     when = row.get("SubmissionTime")
     if not when:
         return 0.0
-    if isinstance(when, str):
-        when = dt.datetime.fromisoformat(when)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+    when = parse_time(when)
     return (now - when).total_seconds()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,9 @@ def test_a_typo_is_logged_once_with_the_name_it_probably_meant(caplog: pytest.Lo
         warn_unknown("dirac_typo_test", dest)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "did you mean 'processors'?" in messages[0]
+
+
+def test_the_readme_lists_every_parameter() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("| parameter | JDL / effect |") :].split("\n\n")[0]
+    assert all(f"`{name}`" in table for name in DiracDestination.model_fields), table

@@ -27,4 +27,11 @@ WORK_TAR = "galaxy_dirac_work.tar"
 EXTRA_TAR = "galaxy_dirac_extra.tar"
 RESULTS = "galaxy_dirac_results.tar"
 STDOUT = "galaxy_dirac.out"
+#: Transport ``galaxy``: each run of the job pushes under ``<Galaxy working dir>/ATTEMPTS_DIR/<attempt id>/`` (the
+#: bundle writes :data:`ATTEMPT` where the id goes) and names its id on stdout after :data:`ATTEMPT_LINE`. Stdout
+#: reaches Galaxy in the output sandbox, which only the job's current run can deliver, so the runner installs that
+#: run's results and never those of an earlier run a lost node is still finishing.
+ATTEMPT = "@@GALAXY_DIRAC_ATTEMPT@@"
+ATTEMPTS_DIR = "__galaxy_dirac_attempts"
+ATTEMPT_LINE = "galaxy-dirac attempt: "
 STDERR = "galaxy_dirac.err"

@@ -10,13 +10,14 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from galaxy_dirac.archive import ArchiveError, create_archive
-from galaxy_dirac.payload import CONFIG, EXTRA_TAR, PLACEHOLDER, RESULTS, WORK_TAR
+from galaxy_dirac.payload import ATTEMPT, ATTEMPT_LINE, CONFIG, EXTRA_TAR, PLACEHOLDER, RESULTS, WORK_TAR
 from galaxy_dirac.pilot.http import Backoff
 from galaxy_dirac.pilot.staging import ManifestError, StagingError, Transfers, confined_path, parse_manifest
 from galaxy_dirac.states import (
@@ -136,12 +137,16 @@ class Payload:
             backoff=Backoff(base=1.0, cap=30.0),
         )
         self._child: Optional[subprocess.Popen] = None
+        self.attempt = secrets.token_hex(8)
+        for output in self.manifest.outputs:  # this run's own place Galaxy-side (transport galaxy)
+            output.fields = {k: str(v).replace(ATTEMPT, self.attempt) for k, v in output.fields.items()}
 
     def _path(self, rel: str) -> str:
         return confined_path(self.job_dir, rel, create_parents=True)
 
     def run(self) -> int:
         """Everything, in order; returns the exit code (0, or one of PAYLOAD_EXIT_CODES)."""
+        print(f"{ATTEMPT_LINE}{self.attempt}", flush=True)
         rewrite_placeholders(self.job_dir, list(self.config.get("rewrite") or []))
         for folder in ("work", "inputs", "outputs"):
             os.makedirs(os.path.join(self.job_dir, folder), exist_ok=True)
@@ -156,6 +161,7 @@ class Payload:
         rc = self._run_job_script()
         self._pack_work(work, before)
         self._deliver()
+        print(f"{ATTEMPT_LINE}{self.attempt}", flush=True)  # again at the end: the runner reads stdout's tail
         exit_code_file = self.config.get("exit_code_file")
         if exit_code_file and not os.path.isfile(self._path(str(exit_code_file))):
             raise PayloadFailure(

@@ -34,7 +34,7 @@ sys.exit(main())
 #: Modules of the pilot package that are only needed to build it.
 _BUILD_ONLY = {"build.py"}
 #: Stdlib modules of the package that both zipapps ship: the contracts and the archive code they share.
-_SHARED = ("__init__.py", "archive.py", "states.py", "payload/__init__.py")
+_SHARED = ("__init__.py", "archive.py", "states.py", "times.py", "payload/__init__.py")
 
 
 def _sources(main: bytes, modules: Sequence[str]) -> List[Tuple[str, bytes]]:

@@ -21,15 +21,12 @@ import threading
 from typing import Any, Callable, Dict, List, Optional
 
 from galaxy_dirac.pilot.http import Backoff, Client, HTTPError, MultipartBody, is_retryable, upload
+from galaxy_dirac.times import format_time
 
 log = logging.getLogger(__name__)
 
 SOURCE = "JobWrapper"
 FAILED_OUTPUT_SANDBOX = "Failed uploading output sandbox"
-
-
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).isoformat()
 
 
 class _Record:
@@ -166,7 +163,7 @@ class Outbox:
             if record.last_time is not None and now <= record.last_time:
                 now = record.last_time + dt.timedelta(microseconds=1)
             record.last_time = now
-        return _iso(now)
+        return format_time(now)
 
     def status(
         self, job_id: int, status: Optional[str], minor: Optional[str] = None, application: Optional[str] = None

@@ -39,6 +39,7 @@ from galaxy_dirac.pilot.http import Backoff, Client, ssl_context
 from galaxy_dirac.pilot.outbox import FAILED_OUTPUT_SANDBOX, Outbox
 from galaxy_dirac.pilot.staging import MANIFEST_NAME, InputFile, ManifestError, StagingError, Transfers, load_manifest
 from galaxy_dirac.states import APP_ERRORS, INPUT_STAGING_FAILED, OUTPUT_STAGING_FAILED, PAYLOAD_EXIT_CODES
+from galaxy_dirac.times import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +169,9 @@ def clock_offset(server_time: Any, now: Optional[dt.datetime] = None) -> float:
     if not server_time:
         return 0.0
     try:
-        server = dt.datetime.fromisoformat(str(server_time).replace("Z", "+00:00"))
+        server = parse_time(str(server_time))
     except ValueError:
         return 0.0
-    if server.tzinfo is None:
-        server = server.replace(tzinfo=dt.timezone.utc)
     offset = (server - (now or dt.datetime.now(dt.timezone.utc))).total_seconds()
     return offset if abs(offset) >= 1.0 else 0.0
 

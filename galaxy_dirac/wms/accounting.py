@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 from sqlalchemy import Engine, Float, cast, func, select
 
+from galaxy_dirac import times
+
 from .. import states
 from .db import HeartBeatLoggingInfo, Jobs, PilotAgents, read_transaction, utcnow
 from .errors import Invalid
@@ -81,12 +83,13 @@ def parse_time(text: str | dt.datetime | None, now: dt.datetime | None = None) -
         return now - dt.timedelta(seconds=parse_duration(text))
     else:
         try:
-            when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+            when = times.parse_time(text)
         except ValueError as exc:
             raise AccountingError(f"bad time {text!r}: use ISO 8601 (2026-01-31T12:00) or an age like 30d") from exc
-    if when.tzinfo is not None:
-        when = when.astimezone(dt.timezone.utc).replace(tzinfo=None)
-    return when
+    try:
+        return times.to_naive_utc(when)
+    except OverflowError:
+        raise AccountingError(f"time {text!r} is out of range once converted to UTC") from None
 
 
 def buckets_for(since: dt.datetime, until: dt.datetime, bucket: int) -> list[dt.datetime]:
@@ -110,10 +113,10 @@ def _result(kind: str, title: str, unit: str, starts: list[dt.datetime], bucket:
         "kind": kind,
         "title": title,
         "unit": unit,
-        "since": starts[0].isoformat() + "Z",
-        "until": (starts[-1] + dt.timedelta(seconds=bucket)).isoformat() + "Z",
+        "since": times.format_time(starts[0]),
+        "until": times.format_time(starts[-1] + dt.timedelta(seconds=bucket)),
         "bucket": bucket,
-        "buckets": [s.isoformat() + "Z" for s in starts],
+        "buckets": [times.format_time(s) for s in starts],
         **extra,
     }
 
@@ -395,7 +398,7 @@ def render_png(data: dict[str, Any], width: int = 1200, height: int = 600) -> by
     dpi = 100
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     # Plain day numbers: matplotlib converts datetime objects bar by bar, which is slow with 30 series.
-    times = list(mdates.date2num([dt.datetime.fromisoformat(b.rstrip("Z")) for b in data["buckets"]]))
+    days = list(mdates.date2num([times.to_naive_utc(times.parse_time(b)) for b in data["buckets"]]))
     step = data["bucket"] / 86400
     panels = [(data["series"], data["unit"])]
     if data.get("failed") is not None:
@@ -405,14 +408,14 @@ def render_png(data: dict[str, Any], width: int = 1200, height: int = 600) -> by
     color = dict(zip(names, _colors(len(names))))
     cumulative = data["kind"].startswith("cumulative")
     for ax, (series, label) in zip(axes, panels):
-        if cumulative and len(times) > 1:
+        if cumulative and len(days) > 1:
             if series:
-                ax.stackplot(times, *series.values(), labels=list(series), colors=[color[n] for n in series])
+                ax.stackplot(days, *series.values(), labels=list(series), colors=[color[n] for n in series])
         else:
             # One filled step artist per series (``stairs``): stacked bars without one patch per bar, which
             # matplotlib draws an order of magnitude slower with 30 sites × many buckets.
-            edges = [*times, times[-1] + step]
-            bottom = [0.0] * len(times)
+            edges = [*days, days[-1] + step]
+            bottom = [0.0] * len(days)
             for name, values in series.items():
                 top = [b + v for b, v in zip(bottom, values)]
                 ax.stairs(top, edges, baseline=bottom, fill=True, label=name, color=color[name], linewidth=0)
@@ -422,7 +425,7 @@ def render_png(data: dict[str, Any], width: int = 1200, height: int = 600) -> by
         ax.set_ylim(bottom=0)
     axes[0].set_title(f"{data['title']}  ({data['since'][:16]} – {data['until'][:16]} UTC)", fontsize=11)
     axes[-1].xaxis_date()
-    axes[-1].set_xlim(times[0], times[-1] + step)
+    axes[-1].set_xlim(days[0], days[-1] + step)
     locator = mdates.AutoDateLocator()
     axes[-1].xaxis.set_major_locator(locator)
     axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
 from .. import jdl
+from ..times import format_time
 from . import errors, jobs, maintenance, matcher, pilots, policy, sandbox_metadata, taskqueues
 from .auth import Principal, create_token, refresh_tokens, verify_token_with_expiry
 from .config import Settings
@@ -558,8 +559,8 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
                 "JDL": text,
                 "Job": _jsonable_jdl(jdl.parse(text)),
                 "Token": token,
-                "TokenExpires": (now + dt.timedelta(seconds=lifetime)).isoformat(),
-                "ServerTime": now.isoformat(),
+                "TokenExpires": format_time(now + dt.timedelta(seconds=lifetime)),
+                "ServerTime": format_time(now),
             }
         )
 

@@ -28,6 +28,8 @@ from sqlalchemy import (
     update,
 )
 
+from galaxy_dirac.times import format_time, parse_time, to_naive_utc
+
 from .. import jdl, states
 from ..jdl import JDLError
 from . import policy, safe_regex, taskqueues
@@ -284,7 +286,7 @@ def _coerce_value(column: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise BadRequest(f"{column.name}: {value!r} is not an ISO date/time")
         try:
-            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            parsed = parse_time(value)
         except ValueError:
             raise BadRequest(f"{column.name}: {value!r} is not an ISO date/time") from None
         return _utc(parsed)
@@ -371,7 +373,7 @@ def _search_conditions(specs: Sequence[Mapping[str, Any]], principal: Principal)
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dt.datetime):
-        return value.isoformat() + "Z"  # DiracX's form: naive UTC with a Z
+        return format_time(value)
     return value
 
 
@@ -385,7 +387,7 @@ def _rows_as_dicts(names: Sequence[str], columns: Sequence[Any], result: Any) ->
         values = list(row)
         for i in times:
             if values[i] is not None:
-                values[i] = values[i].isoformat() + "Z"
+                values[i] = format_time(values[i])
         out.append(dict(zip(names, values)))
     return out
 
@@ -521,7 +523,7 @@ def get_job_row(engine: Engine, job_id: int, principal: Principal) -> Any:
 def _utc(when: dt.datetime) -> dt.datetime:
     """Naive UTC; a zoned time whose UTC falls outside years 1..9999 (``9999-12-31T23:59:59-23:59``) is refused."""
     try:
-        return when.astimezone(dt.timezone.utc).replace(tzinfo=None) if when.tzinfo else when
+        return to_naive_utc(when)
     except OverflowError:
         raise Invalid(f"time {when.isoformat()} is out of range once converted to UTC") from None
 
@@ -685,7 +687,7 @@ def _as_datetime(value: Any) -> dt.datetime:
     if isinstance(value, dt.datetime):
         return value
     try:
-        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return parse_time(str(value))
     except ValueError:
         raise BadRequest(f"status update time {value!r} is not an ISO date/time") from None
 

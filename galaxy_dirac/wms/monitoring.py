@@ -26,6 +26,8 @@ from sqlalchemy import (
     select,
 )
 
+from galaxy_dirac.times import format_time
+
 from .db import (
     HeartBeatLoggingInfo,
     Jobs,
@@ -93,9 +95,7 @@ def ensure_schema(engine: Engine) -> None:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, dt.datetime):
-        return value.isoformat() + "Z"
-    return value
+    return format_time(value) if isinstance(value, dt.datetime) else value
 
 
 def _row_dict(row: Any, columns: Sequence[str]) -> dict[str, Any]:

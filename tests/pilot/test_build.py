@@ -12,7 +12,13 @@ import pytest
 
 from galaxy_dirac.pilot.build import build_zipapp, payload_sources, pilot_sources, zipapp_bytes
 
-ALLOWED_OWN = ("galaxy_dirac.archive", "galaxy_dirac.pilot", "galaxy_dirac.states", "galaxy_dirac.payload")
+ALLOWED_OWN = (
+    "galaxy_dirac.archive",
+    "galaxy_dirac.pilot",
+    "galaxy_dirac.states",
+    "galaxy_dirac.times",
+    "galaxy_dirac.payload",
+)
 SHIPPED = pilot_sources() + payload_sources()
 
 

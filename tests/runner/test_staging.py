@@ -8,12 +8,14 @@ import os
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import List
 
 import pytest
 
 from galaxy_dirac import staging
 from galaxy_dirac.archive import create_archive, safe_extract
 from galaxy_dirac.states import JOB_SCRIPT_INCOMPLETE, OUTPUT_SANDBOX_TOO_LARGE, PAYLOAD_EXIT
+from tests.pilot.conftest import LocalServer, Reply, Request, parse_multipart
 
 
 def _node_env() -> dict:
@@ -111,7 +113,8 @@ def test_galaxy_transport_manifest(tmp_path: Path) -> None:
     assert "job_key=key456" in inputs["inputs/dataset_1.dat"]["url"]
     assert inputs["inputs/dataset_1.dat"]["size"] == len("in one\n")
     outputs = {entry["path"]: entry for entry in bundle.config["outputs"]}
-    assert outputs["outputs/dataset_2.dat"]["fields"] == {"path": spec.outputs[0], "job_key": "key456"}
+    run = f"{spec.working_directory}/__galaxy_dirac_attempts/{staging.ATTEMPT}"  # each run pushes to its own place
+    assert outputs["outputs/dataset_2.dat"]["fields"] == {"path": f"{run}/outputs/dataset_2.dat", "job_key": "key456"}
     assert "?" not in outputs["outputs/dataset_2.dat"]["url"]  # job_key only once, in the form
     assert outputs[staging.WORK_TAR]["optional"] is False
     with tarfile.open(bundle.archive) as tf:
@@ -180,6 +183,8 @@ def _run_on_node(tmp_path: Path, spec: staging.JobSpec, env: dict) -> tuple:
     node.mkdir()
     safe_extract(bundle.archive, node)
     result = subprocess.run(["/bin/sh", staging.LAUNCHER], cwd=node, capture_output=True, text=True, env=env)
+    (node / staging.STDOUT).write_text(result.stdout)  # the JDL's StdOutput/StdError, as a JobWrapper keeps them
+    (node / staging.STDERR).write_text(result.stderr)
     return node, result
 
 
@@ -345,49 +350,22 @@ def test_reference_data_and_output_extra_files_travel_by_sandbox(tmp_path: Path)
 
 
 class _JobFilesApi:
-    """Galaxy's job files API as the payload uses it (GET ?path=, multipart POST path+file), on 127.0.0.1."""
+    """Galaxy's job files API as the payload uses it (GET ?path=, multipart POST path + file), on 127.0.0.1."""
 
     def __init__(self) -> None:
-        import http.server
-        import threading
-        import urllib.parse
-        from email.parser import BytesParser
-        from email.policy import HTTP
+        self.pushed: List[str] = []
+        self.server = LocalServer(self)
+        self.url = self.server.url
 
-        api = self
-        self.pushed: list = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
-                data = Path(query["path"][0]).read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
-                parts = {
-                    p.get_param("name", header="content-disposition"): p
-                    for p in BytesParser(policy=HTTP).parsebytes(head + body).iter_parts()
-                }
-                target = Path(parts["path"].get_content().strip())
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(parts["file"].get_payload(decode=True))
-                api.pushed.append(str(target))
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def __call__(self, request: Request) -> Reply:
+        if request.method == "GET":
+            return Reply(200, Path(request.query["path"][0]).read_bytes())
+        form = parse_multipart(request)
+        target = Path(form["path"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(form["file"][1])
+        self.pushed.append(str(target))
+        return Reply(200, b"{}")
 
 
 def test_reference_data_and_output_extra_files_travel_through_the_job_files_api(tmp_path: Path) -> None:
@@ -401,14 +379,38 @@ def test_reference_data_and_output_extra_files_travel_through_the_job_files_api(
         node, result = _run_on_node(tmp_path, spec, _node_env())
         assert result.returncode == 0, result.stderr
         # One archive for all extra files, not one request each.
-        assert sum(1 for p in api.pushed if "extra" in os.path.basename(p)) == 1
-        staging.install_results(spec, lambda: [])
+        assert sum(1 for p in api.pushed if os.path.basename(p) == "galaxy_dirac_extra.tar") == 1
+        staging.install_results(spec, lambda: [_sandbox_of(node, [staging.STDOUT, staging.STDERR])])
         extra = Path(spec.output_extra_dirs[0])
         assert (extra / "img" / "index.txt").read_text() == "index hg19.1.bt2\nindex hg19.rev.1.bt2\n"
         assert Path(spec.outputs[0]).read_text() == '<a href="img/index.txt">\n'
-        assert not list(Path(spec.working_directory).glob("__galaxy_dirac_results*"))
+        assert not (Path(spec.working_directory) / "__galaxy_dirac_attempts").exists()
     finally:
-        api.server.shutdown()
+        api.server.close()
+
+
+def test_only_the_run_the_output_sandbox_names_is_installed(tmp_path: Path) -> None:
+    """A rescheduled job's earlier run, still going on a lost node, pushes too: its results never reach Galaxy."""
+    api = _JobFilesApi()
+    try:
+        spec = _spec(tmp_path, "galaxy")
+        spec.galaxy_url = api.url
+        out = Path(spec.outputs[0])
+        runs = {}
+        for run in ("current", "earlier"):  # the earlier run pushes last, as a slow lost node would
+            Path(spec.job_script).write_text(f"#!/bin/sh\necho {run} > {out}\necho 0 > {spec.exit_code_file}\n")
+            (tmp_path / run).mkdir()
+            runs[run], result = _run_on_node(tmp_path / run, spec, _node_env())
+            assert result.returncode == 0, result.stderr
+        assert len({os.path.dirname(p) for p in api.pushed if p.endswith("dataset_2.dat")}) == 2
+        with pytest.raises(staging.ResultsMissing):  # no run named: nothing is taken for the results
+            staging.install_results(spec, lambda: [_sandbox_of(runs["current"], [staging.STDERR])])
+        assert not out.exists()
+        staging.install_results(spec, lambda: [_sandbox_of(runs["current"], [staging.STDOUT, staging.STDERR])])
+        assert out.read_text() == "current\n"
+        assert not (Path(spec.working_directory) / "__galaxy_dirac_attempts").exists()
+    finally:
+        api.server.close()
 
 
 def test_named_reference_paths_expand_but_never_leave_their_folder(tmp_path: Path) -> None:

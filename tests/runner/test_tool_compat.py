@@ -321,6 +321,7 @@ def _compare(cases: Dict[Tuple[str, int], Dict[str, Dict[str, Any]]]) -> Dict[st
     return {"counts": counts, "regressions": regressions, "local_failures": local_failures, "summary": summary}
 
 
+@pytest.mark.timeout(3600)  # every tool test three ways: far over the suite's per-test cap
 def test_tools_work_through_dirac_as_locally(compat_stack: Dict[str, Any]) -> None:
     galaxy: GalaxyServer = compat_stack["galaxy"]
     report = compat_stack["home"] / "tool_test_report.json"
