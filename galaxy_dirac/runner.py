@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from galaxy import model
 from galaxy.jobs.runners import AsynchronousJobRunner, AsynchronousJobState
@@ -62,6 +62,7 @@ MAX_TRANSFER_RETRIES = 3
 MAX_MISSING_CYCLES = 10
 #: Galaxy's own folders of reference data: data tables' .loc files point into them.
 GALAXY_REFERENCE_FOLDERS = ("tool_data_path", "shed_tool_data_path", "galaxy_data_manager_data_path")
+DATA_TABLE_REFRESH = 300.0
 STATUS_PARAMETERS = [
     "JobID",
     "Status",
@@ -163,6 +164,7 @@ class DiracJobRunner(AsynchronousJobRunner):
         self._awaiting_login: List[DiracJobState] = []
         self._awaiting_lock = threading.Lock()
         self._login_logged_at = -float("inf")
+        self._table_folders: Tuple[float, List[str]] = (-float("inf"), [])
 
     # -- submission ---------------------------------------------------------------------------------------------------
 
@@ -217,7 +219,25 @@ class DiracJobRunner(AsynchronousJobRunner):
         folders = [getattr(self.app.config, name, None) for name in GALAXY_REFERENCE_FOLDERS]
         folders += dest.reference_data_paths or _list(self.runner_params["reference_data_paths"])
         found = [os.path.abspath(str(f)) for f in folders if f and os.path.isdir(str(f))]
-        return [f for f in dict.fromkeys(found) if f != "/"]
+        return [f for f in dict.fromkeys(found + self._data_table_folders()) if f != "/"]
+
+    def _data_table_folders(self) -> List[str]:
+        """Folders Galaxy's data tables point into (their .loc paths may lie anywhere), re-read every few minutes
+        because data managers add entries while Galaxy runs."""
+        now = time.monotonic()
+        if now - self._table_folders[0] < DATA_TABLE_REFRESH:
+            return self._table_folders[1]
+        folders = set()
+        tables = getattr(self.app, "tool_data_tables", None)
+        try:
+            for table in (tables.get_tables() if tables is not None else {}).values():
+                for row in table.get_fields() if hasattr(table, "get_fields") else []:
+                    folders.update(os.path.dirname(os.path.normpath(str(v))) for v in row if str(v).startswith("/"))
+        except Exception:  # noqa: BLE001 - a broken table must not stop submission; its data just won't travel
+            log.exception("reading Galaxy's data tables for reference data folders failed")
+        result = sorted(f for f in folders if f != "/" and os.path.isdir(f))
+        self._table_folders = (now, result)
+        return result
 
     def _jdl(self, job_wrapper: Any, pending: _Pending, job_name: str, pfn: str) -> str:
         attrs: Dict[str, Any] = {

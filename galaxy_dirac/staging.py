@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -140,7 +139,8 @@ def _unique_paths(paths: Iterable[str]) -> List[str]:
 class PathMapper:
     """Galaxy path → path relative to the node's job directory; longest prefix wins, each Galaxy path one name."""
 
-    def __init__(self, spec: JobSpec) -> None:
+    def __init__(self, spec: JobSpec, reference_dirs: Optional[Sequence[str]] = None) -> None:
+        """``reference_dirs``: the folders of reference data the job uses (default: all of the spec's)."""
         self.spec = spec
         self.files: Dict[str, str] = {}  # exact file paths
         self.dirs: Dict[str, str] = {}  # directory prefixes
@@ -156,7 +156,7 @@ class PathMapper:
         for path in _unique_paths(spec.output_extra_dirs):
             self.dirs[path] = "outputs/" + self._unique(os.path.basename(path.rstrip("/")), out_names)
         ref_names: Dict[str, int] = {}
-        for path in _unique_paths(spec.reference_dirs):
+        for path in _unique_paths(spec.reference_dirs if reference_dirs is None else reference_dirs):
             self.dirs[path] = "reference/" + self._unique(os.path.basename(path.rstrip("/")) or "root", ref_names)
         if spec.tool_dir and os.path.isdir(spec.tool_dir):  # what of it travels: tool_files
             self.dirs[os.path.abspath(spec.tool_dir)] = "tool"
@@ -257,34 +257,29 @@ def tool_files(tool_dir: str, texts: Sequence[str]) -> Optional[List[str]]:
     return wanted
 
 
-#: Where a path named in a command or config file ends.
-_PATH_END = re.compile(r"[\s'\"`;|&<>(){}\[\],=$]")
+#: An absolute path in a command or config file: a ``/`` not inside a longer path, up to where a path ends.
+_PATH_TOKEN = re.compile(r"(?<![\w./-])/[^\s'\"`;|&<>(){}\[\],=$]+")
 
 
-def referenced_files(folder: str, texts: Sequence[str]) -> List[str]:
-    """Files under ``folder`` that the texts name: a file and its indexes, a directory (all of it), or a name prefix.
+def referenced_files(folders: Sequence[str], texts: Sequence[str]) -> Dict[str, List[str]]:
+    """Per folder of reference data, its files the texts name: a file and its indexes, a directory, or a prefix.
 
     Data tables give tools reference data by absolute path (``${ref.fields.path}``): a FASTA whose indexes lie beside
     it, or an index *prefix* such as ``hg19/bowtie2/hg19`` whose files are ``hg19.1.bt2``, ``hg19.rev.1.bt2`` … A
-    named path with ``..`` that leaves ``folder`` is ignored, and ``folder`` itself never travels whole.
+    named path whose ``..`` leaves its folder is not in it, and a folder itself never travels whole. Each path is
+    looked up by its parents, so thousands of folders (every data table's) cost no more than a few.
     """
-    base = os.path.abspath(folder)
-    found: Dict[str, None] = {}
+    known = {os.path.abspath(f) for f in folders} - {"/"}
+    found: Dict[str, Dict[str, None]] = {}
     for text in texts:
-        start = 0
-        while True:
-            at = text.find(base + "/", start)
-            if at < 0:
-                break
-            end_match = _PATH_END.search(text, at)
-            end = end_match.start() if end_match else len(text)
-            start = end
-            if at and (text[at - 1].isalnum() or text[at - 1] in "_-./"):
-                continue  # inside a longer path
-            path = os.path.normpath(text[at:end].rstrip(".:"))
-            if path.startswith(base + "/"):
-                found.update(dict.fromkeys(_expand_reference(path)))
-    return list(found)
+        for token in _PATH_TOKEN.findall(text):
+            path = os.path.normpath(token.rstrip(".:"))
+            parent = os.path.dirname(path)
+            while parent not in known and parent != "/":
+                parent = os.path.dirname(parent)
+            if parent in known:
+                found.setdefault(parent, {}).update(dict.fromkeys(_expand_reference(path)))
+    return {folder: list(files) for folder, files in found.items() if files}
 
 
 def _expand_reference(path: str) -> List[str]:
@@ -403,19 +398,9 @@ class GalaxyTransport(Transport):
                 "the job's results never reached Galaxy (no pushed work archive): the worker node could not reach "
                 "Galaxy's job files API, or the job ran on a node without the payload"
             )
-        mapper = PathMapper(spec)
-        placed = []
-        for path in _unique_paths(spec.outputs):
-            source = os.path.join(run, str(mapper.relative(path)))
-            if os.path.isfile(source):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                shutil.move(source, path)
-                placed.append(path)
-        if os.path.isfile(os.path.join(run, EXTRA_TAR)):
-            with tempfile.TemporaryDirectory(dir=attempts) as unpacked:
-                safe_extract(os.path.join(run, EXTRA_TAR), unpacked, max_total_bytes=_extraction_cap(spec))
-                install_extra_files(spec, unpacked)
-        restore_work(spec, os.path.join(run, WORK_TAR))
+        if os.path.isfile(os.path.join(run, EXTRA_TAR)):  # its members: outputs/dataset_<uuid>_files/…
+            safe_extract(os.path.join(run, EXTRA_TAR), run, max_total_bytes=_extraction_cap(spec))
+        placed = install_unpacked(spec, run)
         shutil.rmtree(attempts, ignore_errors=True)  # this run's leftovers and any earlier run's
         return placed
 
@@ -479,7 +464,7 @@ class SandboxTransport(Transport):
                 raise ResultsMissing(f"the output sandbox holds no {RESULTS}: the payload did not finish on the node")
             results = os.path.join(unpacked, "results")
             safe_extract(found[0], results, max_total_bytes=limit)
-            return install_sandbox_outputs(spec, results)
+            return install_unpacked(spec, results)
         finally:
             shutil.rmtree(unpacked, ignore_errors=True)
 
@@ -509,17 +494,18 @@ def build_bundle(spec: JobSpec) -> Bundle:
     """Write the bundle directory and pack it as ``<working dir>/galaxy_dirac_bundle.tar.bz2``."""
     strategy = transport(spec.transport)
     strategy.check(spec)
-    mapper = PathMapper(spec)
     work = os.path.abspath(spec.working_directory)
+    skip = {BUNDLE_DIR, BUNDLE_ARCHIVE, RESULTS_DIR, STATE_FILE, ATTEMPTS_DIR}
+    texts = _texts(work, skip)  # what the job script, tool script and config files name
+    references = referenced_files(spec.reference_dirs, texts)
+    mapper = PathMapper(spec, reference_dirs=list(references))
     root = os.path.join(work, BUNDLE_DIR)
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     rewrite: List[str] = []
-    texts: List[str] = []
 
     # Galaxy's working directory, rewritten.
-    skip = {BUNDLE_DIR, BUNDLE_ARCHIVE, RESULTS_DIR, STATE_FILE, ATTEMPTS_DIR}
-    _copy_tree(work, os.path.join(root, "work"), mapper, rewrite, "work", skip, texts=texts)
+    _copy_tree(work, os.path.join(root, "work"), mapper, rewrite, "work", skip)
     tool_rel = mapper.dirs.get(os.path.abspath(spec.tool_dir)) if spec.tool_dir else None
     if tool_rel:
         only = tool_files(str(spec.tool_dir), texts)
@@ -539,9 +525,8 @@ def build_bundle(spec: JobSpec) -> Bundle:
             for name in sorted(files):
                 full = os.path.join(dirpath, name)
                 input_files.append((full, str(mapper.relative(full))))
-    for folder in _unique_paths(spec.reference_dirs):
-        for full in referenced_files(folder, texts):
-            input_files.append((full, str(mapper.relative(full))))
+    for files in references.values():
+        input_files.extend((full, str(mapper.relative(full))) for full in files)
     for path, rel in dict(input_files).items():  # a reference folder may hold an input dataset too
         strategy.add_input(spec, root, config, path, rel)
     # Galaxy creates empty output files before a job runs and job scripts rely on it (from_work_dir copies test
@@ -617,7 +602,6 @@ def _copy_tree(
     skip: set,
     *,
     only: Optional[List[str]] = None,
-    texts: Optional[List[str]] = None,
 ) -> None:
     """Copy ``src`` to ``dest`` rewriting Galaxy paths in text files; ``only`` limits it to those relative files."""
     wanted = set(only) if only is not None else None
@@ -645,8 +629,6 @@ def _copy_tree(
                     data = stream.read()
                 if b"\0" not in data:
                     text = data.decode("utf-8", errors="surrogateescape")
-                    if texts is not None:
-                        texts.append(text)
                     new = mapper.rewrite(text)
                     if new != text:
                         with open(target, "wb") as out:
@@ -657,35 +639,48 @@ def _copy_tree(
             shutil.copy2(source, target)
 
 
+def _texts(root: str, skip: set) -> List[str]:
+    """The text files under ``root`` (the job's working directory) that the bundle would rewrite."""
+    texts = []
+    for dirpath, dirs, files in os.walk(root):
+        if dirpath == root:
+            dirs[:] = [d for d in dirs if d not in skip]
+            files = [f for f in files if f not in skip]
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) > MAX_REWRITE_BYTES:
+                continue
+            with open(path, "rb") as stream:
+                data = stream.read()
+            if b"\0" not in data:
+                texts.append(data.decode("utf-8", errors="surrogateescape"))
+    return texts
+
+
 def restore_work(spec: JobSpec, tar_path: str) -> List[str]:
     """Extract the node's ``galaxy_dirac_work.tar`` into Galaxy's working directory; returns what it wrote."""
     return safe_extract(tar_path, spec.working_directory, max_total_bytes=_extraction_cap(spec))
 
 
-def install_sandbox_outputs(spec: JobSpec, extracted_root: str) -> List[str]:
-    """Copy ``outputs/<name>`` of the unpacked results to the Galaxy output paths and restore the work archive."""
+def install_unpacked(spec: JobSpec, root: str) -> List[str]:
+    """Move results laid out as on the node (``outputs/<name>``, ``outputs/dataset_<uuid>_files/…``,
+    :data:`WORK_TAR`) from ``root`` to their Galaxy paths; returns the output datasets placed."""
     mapper = PathMapper(spec)
     placed: List[str] = []
     for path in _unique_paths(spec.outputs):
-        source = os.path.join(extracted_root, str(mapper.relative(path)))
+        source = os.path.join(root, str(mapper.relative(path)))
         if os.path.isfile(source):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            shutil.copyfile(source, path)
+            shutil.move(source, path)
             placed.append(path)
-    install_extra_files(spec, extracted_root)
-    tar = os.path.join(extracted_root, WORK_TAR)
+    for path in _unique_paths(spec.output_extra_dirs):
+        source = os.path.join(root, str(mapper.relative(path)))
+        if os.path.isdir(source):
+            shutil.copytree(source, path, dirs_exist_ok=True)
+    tar = os.path.join(root, WORK_TAR)
     if os.path.isfile(tar):
         restore_work(spec, tar)
     return placed
-
-
-def install_extra_files(spec: JobSpec, extracted_root: str) -> None:
-    """Copy ``outputs/dataset_<uuid>_files/…`` of the unpacked results into the outputs' extra files directories."""
-    mapper = PathMapper(spec)
-    for path in _unique_paths(spec.output_extra_dirs):
-        source = os.path.join(extracted_root, str(mapper.relative(path)))
-        if os.path.isdir(source):
-            shutil.copytree(source, path, dirs_exist_ok=True)
 
 
 def install_results(spec: JobSpec, sandboxes: Callable[[], List[io.BytesIO]]) -> List[str]:

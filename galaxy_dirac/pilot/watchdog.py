@@ -149,6 +149,10 @@ class Limits:
         self.min_free_disk_mb = min_free_disk_mb
 
 
+#: Seconds the scheduler may hold a command long poll open.
+LISTEN_WAIT = 25.0
+
+
 def kill_tree(pgid: int, grace: float, still_running: Callable[[], bool]) -> None:
     """SIGTERM the process group and its strays, wait up to ``grace`` seconds, then SIGKILL whatever is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -224,6 +228,8 @@ class Watchdog:
             thread = threading.Thread(target=target, name=f"{name}-{self.job_id}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.client is not None:  # not joined: a poll in flight ends by itself and must not hold the job up
+            threading.Thread(target=self._listen, name=f"commands-{self.job_id}", daemon=True).start()
 
     def join(self, timeout: Optional[float] = None) -> None:
         self.finished.set()
@@ -313,7 +319,10 @@ class Watchdog:
             return
         answer = self.client.call("PATCH", "api/jobs/heartbeat", {str(self.job_id): self.heartbeat_body()})
         self.heartbeats += 1
-        for command in answer or []:
+        self._obey(answer)
+
+    def _obey(self, answer: Any) -> None:
+        for command in answer if isinstance(answer, list) else []:
             if not isinstance(command, dict):
                 continue
             if str(command.get("job_id", self.job_id)) != str(self.job_id):
@@ -336,6 +345,29 @@ class Watchdog:
             self.heartbeats += 1
         except Exception as exc:
             log.warning("job %d: final heartbeat failed: %s", self.job_id, exc)
+
+    def _listen(self) -> None:
+        """Long-poll the scheduler for this job's commands, so a Kill lands in about a second rather than at the next
+        heartbeat. A server without the route (or one that refuses this job: the heartbeat decides what that means)
+        ends the listening for good; other failures wait a heartbeat interval and try again."""
+        path = f"api/x-embedded/jobs/{self.job_id}/commands"
+        while not self.finished.is_set() and self.reason is None and self.client is not None:
+            try:
+                answer = self.client.call(
+                    "GET", path, params={"wait": LISTEN_WAIT}, timeout=LISTEN_WAIT + 15, retries=0
+                )
+            except HTTPError as exc:
+                if exc.status in (401, 403, 404, 405, 422):
+                    log.debug("job %d: no command long poll (%s); heartbeats carry commands", self.job_id, exc)
+                    return
+                self.finished.wait(self.interval)
+                continue
+            except Exception as exc:  # noqa: BLE001 - network trouble: the heartbeat thread reports it
+                log.debug("job %d: command long poll failed: %s", self.job_id, exc)
+                self.finished.wait(min(self.interval, 5.0))
+                continue
+            if not self.finished.is_set():
+                self._obey(answer)
 
     def _beat(self) -> None:
         next_beat = time.monotonic()

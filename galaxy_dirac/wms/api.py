@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, AsyncIterator, Dict, List, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, AsyncIterator, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -512,6 +512,22 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         caller.require("pilot", "admin", "reader")
         return json_response(pilots.list_pilots(engine, stamps=stamp, statuses=status, queue=queue, limit=limit))
 
+    @app.get("/api/x-embedded/jobs/{job_id}/commands", tags=["pilots"])
+    async def job_commands(
+        caller: Caller, job_id: PathJobId, wait: Annotated[float, Query(ge=0, le=120)] = 0
+    ) -> Response:
+        """The job's pending commands (Kill), once; with ``wait``, held until one comes (a kill in about a second
+        instead of at the next heartbeat). Heartbeats still deliver them where a server lacks this route."""
+        caller.require("job", "admin")
+        deadline = time.monotonic() + wait
+        while True:
+            seen = jobs.commands_generation
+            commands = await run_in_threadpool(jobs.take_commands, engine, job_id, caller)
+            if commands or time.monotonic() >= deadline:
+                return json_response(commands)
+            until = min(deadline, time.monotonic() + COMMANDS_RECHECK_INTERVAL)
+            await _until_changed(lambda: jobs.commands_generation, seen, until)
+
     @app.post("/api/x-embedded/match", tags=["pilots"])
     async def match(caller: Caller, body: SlotDescription, wait: Annotated[float, Query(ge=0, le=120)] = 0) -> Response:
         """Hand the slot one job; with ``wait``, hold an empty answer up to that many seconds (long poll)."""
@@ -538,7 +554,8 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
                 break
             if time.monotonic() >= deadline:
                 return Response(status_code=204)
-            await _until_new_jobs(seen, min(deadline, time.monotonic() + RECHECK_INTERVAL))
+            until = min(deadline, time.monotonic() + RECHECK_INTERVAL)
+            await _until_changed(lambda: taskqueues.generation, seen, until)
         job_id, text = row.JobID, row.JDL
         lifetime = settings.job_token_lifetime
         token = create_token(
@@ -774,8 +791,13 @@ def _bearer(ctx: Context) -> Any:
 RECHECK_INTERVAL = 0.5
 
 
-async def _until_new_jobs(seen: int, until: float) -> None:
-    while taskqueues.generation == seen and time.monotonic() < until:
+#: A wrapper's long poll for its job's commands re-reads the database this often (Kill from another API worker).
+COMMANDS_RECHECK_INTERVAL = 1.0
+
+
+async def _until_changed(generation: Callable[[], int], seen: int, until: float) -> None:
+    """Wait until this process's ``generation`` counter moves on from ``seen``, or ``until`` (monotonic) passes."""
+    while generation() == seen and time.monotonic() < until:
         await asyncio.sleep(0.02)
 
 

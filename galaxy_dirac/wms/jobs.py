@@ -573,6 +573,8 @@ def set_statuses(
             else:
                 success[job_id] = {k: v for k, v in outcome.items() if k != "applied"}
         add_logging(conn, log_records)
+    if any(record[1] == states.KILLED for record in log_records):
+        _commands_queued()  # after the commit, so a woken long poll finds the Kill
     if not success and failed and all(isinstance(refused.get(j), NotFound) for j in failed):
         raise NotFound(failed)  # none of the jobs exists: 404, with each job's reason
     return {"success": success, "failed": failed}
@@ -740,19 +742,54 @@ def heartbeat(engine: Engine, data: Mapping[int, Mapping[str, Any]], principal: 
             conn.execute(insert(HeartBeatLoggingInfo), hb_rows)
         if stdout:
             set_parameters(conn, stdout)
-        pending = conn.execute(
-            select(JobCommands.ID, JobCommands.JobID, JobCommands.Command, JobCommands.Arguments).where(
-                JobCommands.JobID.in_(ids), JobCommands.Status == "Received"
-            )
-        ).all()
-        if pending:
-            conn.execute(
-                update(JobCommands)
-                .where(JobCommands.ID.in_([p[0] for p in pending]))
-                .values(Status="Sent", ExecutionTime=now)
-            )
-            commands = [{"job_id": p[1], "command": p[2], "arguments": p[3] or ""} for p in pending]
+        commands = _hand_out_commands(conn, ids, now)
     return commands
+
+
+def _pending_commands(conn: Any, ids: Sequence[int]) -> list[Any]:
+    return conn.execute(
+        select(JobCommands.ID, JobCommands.JobID, JobCommands.Command, JobCommands.Arguments).where(
+            JobCommands.JobID.in_(ids), JobCommands.Status == "Received"
+        )
+    ).all()
+
+
+def _hand_out_commands(conn: Any, ids: Sequence[int], now: dt.datetime) -> list[dict[str, Any]]:
+    """The jobs' pending commands, marked Sent: each reaches the node once, by heartbeat or long poll."""
+    pending = _pending_commands(conn, ids)
+    if not pending:
+        return []
+    conn.execute(
+        update(JobCommands).where(JobCommands.ID.in_([p[0] for p in pending])).values(Status="Sent", ExecutionTime=now)
+    )
+    return [{"job_id": p[1], "command": p[2], "arguments": p[3] or ""} for p in pending]
+
+
+#: Bumped in this process whenever a command is queued, so a long-polling wrapper on this API worker wakes at once
+#: (those on other workers find it at their next database check).
+commands_generation = 0
+
+
+def _commands_queued() -> None:
+    global commands_generation
+    commands_generation += 1
+
+
+@retrying
+def take_commands(engine: Engine, job_id: int, principal: Principal) -> list[dict[str, Any]]:
+    """One job's pending commands (Kill), handed out once: what its wrapper long-polls for between heartbeats.
+
+    Reading first keeps a poll that finds nothing off the write lock (SQLite has one for the whole database).
+    """
+    principal.require("job", "admin")
+    with read_transaction(engine) as conn:
+        allowed, refused = _load_jobs(conn, [job_id], principal)
+        if refused:
+            raise next(iter(refused.values()))
+        if not allowed or not _pending_commands(conn, [job_id]):
+            return []
+    with write_transaction(engine) as conn:
+        return _hand_out_commands(conn, [job_id], utcnow())
 
 
 def set_parameters(conn: Any, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -397,6 +397,22 @@ def test_kill_reaches_the_payload_within_one_heartbeat(wms, pyz, site, tmp_path,
     assert not [h for h in wrapper_history(job) if h[0] in ("Done", "Failed", "Completing")]
 
 
+def test_kill_reaches_the_payload_long_before_the_next_heartbeat(wms, pyz, site, tmp_path, cleanup):
+    """The wrapper long-polls for its job's commands: a Kill does not wait for a ten-minute heartbeat."""
+    pid_file = tmp_path / "payload.pid"
+    cleanup[1].append(pid_file)
+    job_id = wms.submit(jdl(site, Executable="/bin/sh", Arguments=f"-c 'echo $$ > {pid_file}; exec sleep 300'"))
+    pilot = Pilot(pyz, wms, tmp_path / "pilot", site, "--max-empty-matches", "1", "--heartbeat-interval", "600")
+    cleanup[0].append(pilot)
+    wms.wait_status(job_id, ("Running",), 60, minor="Application")
+    pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 10, "the payload's pid"))
+    time.sleep(1)  # the first heartbeat has gone; the next is ten minutes away
+    wms.api("PATCH", "/api/jobs/status", json={str(job_id): {now(): {"Status": "Killed", "Source": "test"}}})
+    wait_for(lambda: not pid_alive(pid), 60, "the payload to die")
+    assert pilot.wait() == 0, pilot.log()
+    assert wms.job(job_id)["Status"] == "Killed"
+
+
 def test_memory_and_wall_clock_limits_are_enforced(wms, pyz, site, tmp_path, cleanup):
     hog = "-c 'import time; b = bytearray(range(256)) * (300 * 4096); time.sleep(120)'"
     memory_job = wms.submit(jdl(site, Executable="python3", Arguments=hog, MaxRAM=100))

@@ -423,10 +423,13 @@ def test_named_reference_paths_expand_but_never_leave_their_folder(tmp_path: Pat
     genome = [str(data / "genome" / n) for n in ("g.dict", "g.fa", "g.fa.fai")]
 
     def found(text: str) -> list:
-        return sorted(staging.referenced_files(str(data), [text]))
+        return sorted(f for files in staging.referenced_files([str(data)], [text]).values() for f in files)
 
     assert found(f"bwa mem '{data}/genome/g.fa' > out") == genome[1:]  # the file and its indexes
     assert found(f"--index={data}/genome, done") == genome  # a directory: all of it
     assert found(f"bowtie2 -x {data}/genome/g -U in") == genome  # an index prefix
     assert found(f"cat {data}/../secret {data}/genome/../../secret") == []  # never outside the folder
     assert found(f"ls {data} {data}/ {data}/missing/x x{data}/table.loc") == []  # nor the folder itself
+    # Many folders (every data table's): the deepest one holding the path is the one it travels from.
+    deep = staging.referenced_files([str(data), str(data / "genome"), "/"], [f"cat {data}/genome/g.dict"])
+    assert deep == {str(data / "genome"): [str(data / "genome" / "g.dict")]}

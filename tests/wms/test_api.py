@@ -13,6 +13,7 @@ import json
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -704,6 +705,30 @@ def test_kill_reaches_the_running_job_at_its_next_heartbeat_exactly_once(api: Ap
     assert not commands[0]["arguments"]
     assert api.heartbeat(job, job_id, CPUConsumed=3.0).json() == []
     assert api.job(job_id)["Status"] == "Killed"
+
+
+def test_a_waiting_command_poll_returns_the_kill_as_it_is_queued_and_only_to_its_job(api: Api) -> None:
+    [job_id, other] = api.submit(2)
+    tokens = {}
+    for _ in range(2):
+        matched, token = api.match_token()
+        tokens[matched] = token
+    job = tokens[job_id]
+    api.status(job, job_id, Status="Running", MinorStatus="Application", Source="JobWrapper")
+    path = f"/api/x-embedded/jobs/{job_id}/commands"
+    assert api.call("GET", path, job).json() == []  # nothing pending: an immediate empty answer
+    assert api.call("GET", path, tokens[other]).status_code in (403, 404)  # another job's token
+    assert api.call("GET", f"/api/x-embedded/jobs/{other}/commands", api.headers()).status_code == 403  # a runner
+    assert api.call("GET", path, job, params={"wait": 1000}).status_code == 422
+
+    with ThreadPoolExecutor(1) as pool:
+        poll = pool.submit(api.call, "GET", path, job, params={"wait": 60})
+        time.sleep(0.5)
+        assert not poll.done()
+        assert api.status(api.headers(), job_id, Status="Killed").status_code == 200
+        answer = poll.result(timeout=30)  # well before the 60 s the poll may wait
+    assert [(c["job_id"], c["command"]) for c in answer.json()] == [(job_id, "Kill")]
+    assert api.heartbeat(job, job_id, CPUConsumed=1.0).json() == []  # handed out once, not again by heartbeat
 
 
 def test_killing_waiting_jobs_removes_them_from_the_demand(api: Api) -> None:
