@@ -1,4 +1,5 @@
-"""``galaxy-dirac-wms``: serve the embedded scheduler, mint tokens, list jobs, pilots and task queues."""
+"""``galaxy-dirac-wms``: serve the embedded scheduler, mint tokens, list jobs, pilots and task queues, upgrade the
+schema."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import ENV_PREFIX, ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from .migrations import Upgrade
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -53,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "jobs":
             cmd.add_argument("--owner")
             cmd.add_argument("--site")
+    db = sub.add_parser("db", help="the database schema (migrations)")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    for name, text in (
+        ("upgrade", "bring the database to this version's schema (serve does it on start)"),
+        ("current", "print the database's schema revision and this version's head (exit status 3: upgrade due)"),
+    ):
+        _common(db_sub.add_parser(name, help=text))
     plot = sub.add_parser("plot", help="draw an accounting plot (PNG) or export its numbers (JSON/CSV)")
     _common(plot)
     plot.add_argument("kind", choices=ACCOUNTING_KINDS)
@@ -132,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return token_create(settings, args)
         if args.command == "plot":
             return plot(settings, args)
+        if args.command == "db":
+            return database(settings, args)
         return listing(settings, args)
     except ConfigError as exc:
         print(f"galaxy-dirac-wms: {exc}", file=sys.stderr)
@@ -144,6 +157,14 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     os.makedirs(settings.sandbox_dir, exist_ok=True)
     settings.signing_key(create=True)
+    from .migrations import SchemaError
+
+    try:
+        # Once, before any worker starts (each worker's own check then finds it done).
+        logging.getLogger(__name__).info("database schema: %s", _upgrade_schema(settings).describe())
+    except SchemaError as exc:
+        print(f"galaxy-dirac-wms: {exc}", file=sys.stderr)
+        return 1
     log_config = {
         "version": 1,
         "disable_existing_loggers": False,
@@ -181,6 +202,55 @@ def serve(settings: Settings) -> int:
             timeout_graceful_shutdown=3,
         )
     return 0
+
+
+def _sqlite_file(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database
+    return database if parsed.get_backend_name() == "sqlite" and database and database != ":memory:" else None
+
+
+def _upgrade_schema(settings: Settings) -> Upgrade:
+    from .db import make_engine
+    from .migrations import upgrade
+
+    path = _sqlite_file(settings.db)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    engine = make_engine(settings.db)
+    try:
+        return upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def database(settings: Settings, args: argparse.Namespace) -> int:
+    """``db upgrade`` / ``db current``: what ``serve`` does to the schema on start, or just where it stands."""
+    from sqlalchemy.exc import OperationalError
+
+    from .db import make_engine
+    from .migrations import SchemaError, current, head
+
+    try:
+        if args.db_command == "upgrade":
+            print(_upgrade_schema(settings).describe())
+            return 0
+        path = _sqlite_file(settings.db)
+        if path and not os.path.exists(path):
+            revision = None  # not created yet (and `current` must not create it)
+        else:
+            engine = make_engine(settings.db)
+            try:
+                revision = current(engine)
+            finally:
+                engine.dispose()
+    except (SchemaError, OperationalError) as exc:
+        print(f"galaxy-dirac-wms: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"{revision or 'none'} (head {head()})")
+    return 0 if revision == head() else 3
 
 
 def token_create(settings: Settings, args: argparse.Namespace) -> int:

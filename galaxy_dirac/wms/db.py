@@ -420,5 +420,8 @@ def retrying(function: Callable[..., T]) -> Callable[..., T]:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create missing tables; idempotent so every server start (and every API worker) may call it."""
-    Base.metadata.create_all(engine)
+    """Bring the database to the current schema: create it (empty database) or upgrade it with the migrations in
+    ``migrations/``; idempotent and locked, so every server start (and every API worker) may call it."""
+    from .migrations import upgrade
+
+    upgrade(engine)
