@@ -14,7 +14,7 @@ PYTEST_MARKS ?=
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip uv
-	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test,htcondor,openstack]'
+	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test,htcondor,openstack,arc]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -33,6 +33,15 @@ if ! dpkg -s $container_debs >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $container_debs >/dev/null) \
     || echo "warning: could not install $container_debs (the container tests will be skipped)" >&2
 fi
+# NorduGrid ARC 6 (A-REX with its REST interface, arcctl's test CA, arcproxy) for the ARC CE tests
+# (tests/sitedirector/test_arc.py starts its own private A-REX; nothing is enabled or started here).
+arc_debs="nordugrid-arc-arex nordugrid-arc-arcctl nordugrid-arc-arcctl-service nordugrid-arc-client nordugrid-arc-plugins-needed"
+# shellcheck disable=SC2086
+if ! dpkg -s $arc_debs >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  # shellcheck disable=SC2086
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $arc_debs >/dev/null) \
+    || echo "warning: could not install $arc_debs (the ARC CE tests will be skipped)" >&2
+fi
 port_open 5432 || echo "warning: PostgreSQL is not answering on 127.0.0.1:5432" >&2
 port_open 3306 || echo "warning: MariaDB is not answering on 127.0.0.1:3306" >&2
 exit 0

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 CREDENTIAL_TYPES = {
-    # HTCondorCE
+    # HTCondorCE and ARC (scitoken: a file holding any WLCG/SciToken JWT)
     "scitoken": ("file",),
     "proxy": ("file",),
     # OpenStack (keystoneauth1 plugin names in the comments)
@@ -211,7 +211,36 @@ def _queue(i: int, data: Any, creds: dict[str, Credential]) -> QueueConfig:
         q.credentials = creds[cred]
     if ctype in ("htcondorce", "openstack") and not q.endpoint and not q.options.get("grid_resource"):
         raise ConfigError(f"{where}endpoint: required for type {ctype}")
+    if ctype == "arc":
+        _arc_queue(q, where)
     return q
+
+
+def _arc_queue(q: QueueConfig, where: str) -> None:
+    """An ARC queue needs the A-REX URL, the CE's queue, a proxy or token credential, and only known options."""
+    from .ce.arc import ARC_CREDENTIALS, normalise_endpoint, parse_options
+
+    if not q.endpoint:
+        raise ConfigError(f"{where}endpoint: required for type arc (the A-REX URL, e.g. https://ce.example.org/arex)")
+    try:
+        normalise_endpoint(q.endpoint)
+    except ValueError as exc:
+        raise ConfigError(f"{where}endpoint: {exc}") from None
+    if not q.queue:
+        raise ConfigError(f"{where}queue: required for type arc (the CE's batch queue, e.g. the ComputingShare name)")
+    if q.credentials is None:
+        raise ConfigError(
+            f"{where}credentials: required for type arc (a credential of type {' or '.join(ARC_CREDENTIALS)})"
+        )
+    if q.credentials.type not in ARC_CREDENTIALS:
+        raise ConfigError(
+            f"{where}credentials: {q.credentials.name!r} is of type {q.credentials.type!r}; "
+            f"an ARC queue takes {' or '.join(ARC_CREDENTIALS)} (a proxy file or a token file)"
+        )
+    try:
+        parse_options(q.options)
+    except ValueError as exc:
+        raise ConfigError(f"{where}{exc}") from None
 
 
 _TOP_KEYS = {

@@ -130,6 +130,7 @@ CE_TYPES: dict[str, str] = {
     "local": "sitedirector.ce.local:LocalComputingElement",
     "htcondorce": "sitedirector.ce.htcondorce:HTCondorCEComputingElement",
     "openstack": "sitedirector.ce.openstack:OpenStackComputingElement",
+    "arc": "sitedirector.ce.arc:ArcComputingElement",
 }
 
 

@@ -118,7 +118,7 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SITEDIRECTOR_TOKEN", "from-env")
     example = Path(__file__).resolve().parents[2] / "examples" / "sitedirector.yml"
     cfg = load(example)
-    assert {q.type for q in cfg.queues} == {"local", "htcondorce", "openstack"}
+    assert {q.type for q in cfg.queues} == {"local", "htcondorce", "openstack", "arc"}
 
 
 def test_cli_check_reports_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
