@@ -43,6 +43,9 @@ def _print_status(table: list[dict[str, Any]]) -> None:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+    for row in table:
+        for pilot in row.get("failed") or []:
+            print(f"{row['queue']}: pilot {pilot['stamp']} {pilot['status']}: {pilot['reason'] or 'no reason given'}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -42,6 +42,8 @@ from .config import Config, QueueConfig
 log = logging.getLogger("sitedirector")
 
 LIVE_STATES = sorted(WAITING_STATES | {"Running", UNKNOWN})
+#: Failed pilots per queue whose reason (the CE's error, the end of the pilot's stderr) ``status`` shows.
+FAILED_SHOWN = 5
 
 
 class SchedulerError(Exception):
@@ -384,5 +386,16 @@ class Director:
             for r in mine:
                 by_state[r["Status"]] = by_state.get(r["Status"], 0) + 1
             empty = sum(1 for r in mine if r["Status"] == "Done" and not r.get("MatchedJobs"))
-            out.append({"queue": st.config.name, "type": st.config.type, "states": by_state, "empty": empty})
+            failed = sorted(
+                (r for r in mine if r["Status"] in ("Failed", "Aborted")),
+                key=lambda r: str(r.get("LastUpdateTime") or ""),
+                reverse=True,
+            )
+            recent = [
+                {"stamp": r.get("PilotStamp"), "status": r["Status"], "reason": r.get("StatusReason") or ""}
+                for r in failed[:FAILED_SHOWN]
+            ]
+            out.append(
+                {"queue": st.config.name, "type": st.config.type, "states": by_state, "empty": empty, "failed": recent}
+            )
         return out

@@ -389,6 +389,8 @@ def test_failed_pilot_output_reaches_the_scheduler(
         assert "/nonexistent/python3 not found" in row["StatusReason"], row
         kept = tmp_path / "work" / queue["name"] / "failed" / row["PilotStamp"] / "pilot.err"
         assert "/nonexistent/python3 not found" in kept.read_text()
-        assert director.status_table()[0]["states"] == {"Failed": 1}
+        [status] = director.status_table()
+        assert status["states"] == {"Failed": 1}
+        assert "/nonexistent/python3 not found" in status["failed"][0]["reason"]  # what `sitedirector status` prints
     finally:
         director.shutdown()
