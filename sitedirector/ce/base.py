@@ -13,22 +13,24 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Union
 
-#: DIRAC pilot states a backend may report.
-SUBMITTED = "Submitted"
-WAITING = "Waiting"
-SCHEDULED = "Scheduled"
-RUNNING = "Running"
-DONE = "Done"
-FAILED = "Failed"
-ABORTED = "Aborted"
-DELETED = "Deleted"
-UNKNOWN = "Unknown"
+from galaxy_dirac import states
 
-PILOT_STATES = (SUBMITTED, WAITING, SCHEDULED, RUNNING, DONE, FAILED, ABORTED, DELETED, UNKNOWN)
+#: DIRAC pilot states a backend may report (the contract lives in galaxy_dirac.states; these are its short names).
+SUBMITTED = states.PILOT_SUBMITTED
+WAITING = states.PILOT_WAITING
+SCHEDULED = states.PILOT_SCHEDULED
+RUNNING = states.PILOT_RUNNING
+DONE = states.PILOT_DONE
+FAILED = states.PILOT_FAILED
+ABORTED = states.PILOT_ABORTED
+DELETED = states.PILOT_DELETED
+UNKNOWN = states.PILOT_UNKNOWN
+
+PILOT_STATES = states.PILOT_STATES
 #: States in which a pilot has not started yet (counted as "waiting" by the policy).
-WAITING_STATES = frozenset({SUBMITTED, WAITING, SCHEDULED})
+WAITING_STATES = states.PILOT_WAITING_STATES
 #: States from which a pilot never moves again.
-FINAL_STATES = frozenset({DONE, FAILED, ABORTED, DELETED})
+FINAL_STATES = states.PILOT_FINAL_STATES
 
 
 class CEError(Exception):
