@@ -8,7 +8,6 @@ that fails writes nothing.
 import asyncio
 import datetime as dt
 import fcntl
-import json
 import logging
 import os
 import tempfile
@@ -16,6 +15,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, AsyncIterator, Callable, Dict, List, Literal, Optional, Tuple, Union
 
+import orjson
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -39,19 +39,10 @@ from .sandboxes import (
 
 log = logging.getLogger(__name__)
 
-try:  # orjson serialises a 10,000-row status page several times faster than json
-    import orjson
-
-    def _dumps(data: Any) -> bytes:
-        return orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
-except ImportError:  # pragma: no cover
-
-    def _dumps(data: Any) -> bytes:
-        return json.dumps(data, separators=(",", ":")).encode()
-
-
 def json_response(data: Any, status_code: int = 200, headers: Optional[Dict[str, str]] = None) -> Response:
-    return Response(_dumps(data), status_code=status_code, media_type="application/json", headers=headers)
+    """orjson (a dependency) serialises a 10,000-row status page several times faster than json."""
+    body = orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
 
 
 # --- bodies (DiracX 0.7 models) ----------------------------------------------------------------------------------
@@ -218,7 +209,7 @@ class _BodyTooLarge(HTTPException):
 
 
 async def _too_large(send: Any, limit: int) -> None:
-    body = _dumps({"detail": f"request body larger than {limit} bytes"})
+    body = orjson.dumps({"detail": f"request body larger than {limit} bytes"})
     await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})
 
