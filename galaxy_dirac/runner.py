@@ -210,7 +210,14 @@ class DiracJobRunner(AsynchronousJobRunner):
             memory_mb=dest.memory,
             max_input_bytes=_megabytes(dest.input_sandbox_limit or self.runner_params["input_sandbox_limit"]),
             max_output_bytes=_megabytes(dest.output_sandbox_limit or self.runner_params["output_sandbox_limit"]),
+            max_result_bytes=self._result_cap(len(outputs)),
         )
+
+    def _result_cap(self, outputs: int) -> Optional[int]:
+        """Galaxy's output_size job limit bounds each output; the results of a job (its outputs and the files of
+        its working directory) may expand to that much per output and one more for the rest."""
+        limit = getattr(getattr(getattr(self.app, "job_config", None), "limits", None), "output_size", None)
+        return int(limit) * (outputs + 1) if limit and int(limit) > 0 else None
 
     def _reference_dirs(self, dest: DiracDestination) -> List[str]:
         mode = dest.reference_data or self.runner_params["reference_data"]

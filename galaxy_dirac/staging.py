@@ -36,7 +36,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from galaxy_dirac.archive import create_archive, safe_extract
+from galaxy_dirac.archive import DEFAULT_MAX_TOTAL_BYTES, UnsafeArchiveError, create_archive, safe_extract
 from galaxy_dirac.payload import (
     ATTEMPT,
     ATTEMPT_LINE,
@@ -129,6 +129,8 @@ class JobSpec:
     memory_mb: Optional[int] = None
     max_input_bytes: Optional[int] = None  # the target's input and output sandbox limits
     max_output_bytes: Optional[int] = None
+    #: What a job's results may expand to on the Galaxy host (from Galaxy's own output_size job limit).
+    max_result_bytes: Optional[int] = None
 
 
 def _unique_paths(paths: Iterable[str]) -> List[str]:
@@ -477,8 +479,11 @@ def _find(root: str, name: str) -> List[str]:
 
 
 def _extraction_cap(spec: JobSpec) -> int:
-    """Extracted bytes allowed for one job's results: its output limit (with room for compression), else 10 GiB."""
-    return 4 * int(spec.max_output_bytes) if spec.max_output_bytes else 10 * 1024**3
+    """Extracted bytes allowed for one job's results: the smallest of its output sandbox limit (with room for
+    compression) and what Galaxy's limits let it produce, else 10 GiB: a node must not fill Galaxy's disk."""
+    caps = [4 * int(spec.max_output_bytes)] if spec.max_output_bytes else []
+    caps += [int(spec.max_result_bytes)] if spec.max_result_bytes else []
+    return min(caps) if caps else DEFAULT_MAX_TOTAL_BYTES
 
 
 
@@ -685,7 +690,16 @@ def install_unpacked(spec: JobSpec, root: str) -> List[str]:
 
 def install_results(spec: JobSpec, sandboxes: Callable[[], List[io.BytesIO]]) -> List[str]:
     """Put a Done job's results in place Galaxy-side, whichever transport carried them."""
-    return transport(spec.transport).install(spec, sandboxes)
+    try:
+        return transport(spec.transport).install(spec, sandboxes)
+    except UnsafeArchiveError as exc:
+        hint = ""
+        if "exceeds the limit" in str(exc):
+            hint = (
+                f" (at most {_extraction_cap(spec) / 1e6:.1f} MB may come back: the destination's "
+                "output_sandbox_limit and Galaxy's output_size job limit set it)"
+            )
+        raise ResultsMissing(f"the job's results were refused: {exc}{hint}") from None
 
 
 def save_state(working_directory: str, data: Dict[str, object]) -> None:

@@ -433,3 +433,19 @@ def test_named_reference_paths_expand_but_never_leave_their_folder(tmp_path: Pat
     # Many folders (every data table's): the deepest one holding the path is the one it travels from.
     deep = staging.referenced_files([str(data), str(data / "genome"), "/"], [f"cat {data}/genome/g.dict"])
     assert deep == {str(data / "genome"): [str(data / "genome" / "g.dict")]}
+
+
+def test_results_bigger_than_galaxy_allows_are_refused_not_written(tmp_path: Path) -> None:
+    """A compromised node cannot fill Galaxy's disk: results expand at most to what Galaxy's limits allow."""
+    spec = _spec(tmp_path, transport="sandbox")
+    out = Path(spec.outputs[0])
+    Path(spec.job_script).write_text(f"#!/bin/sh\nhead -c 200000 /dev/zero > {out}\necho 0 > {spec.exit_code_file}\n")
+    node, result = _run_on_node(tmp_path, spec, _node_env())
+    assert result.returncode == 0, result.stderr
+    spec.max_result_bytes = 100_000
+    with pytest.raises(staging.ResultsMissing, match="at most 0.1 MB may come back"):
+        staging.install_results(spec, lambda: [_sandbox_of(node, [staging.STDOUT, staging.STDERR, staging.RESULTS])])
+    assert not out.exists()
+    spec.max_result_bytes = 1_000_000
+    assert staging.install_results(spec, lambda: [_sandbox_of(node, [staging.STDOUT, staging.STDERR, staging.RESULTS])])
+    assert out.stat().st_size == 200_000
