@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.conftest import WMSServer  # noqa: E402
 from tests.galaxy_server import GalaxyServer  # noqa: E402
-from tests.runner.test_galaxy import Pilot  # noqa: E402
+from tests.galaxy_stack import Pilot  # noqa: E402
 
 
 def submit_to_ok(galaxy: GalaxyServer, history: str, tool_id: str, first: str, second: str) -> float:

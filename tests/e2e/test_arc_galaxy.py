@@ -24,7 +24,7 @@ import yaml
 
 from sitedirector.ce.arc import ArcComputingElement
 from sitedirector.config import Credential, QueueConfig
-from tests.conftest import WMSServer, unavailable, wait_for
+from tests.conftest import WMSServer, wait_for
 from tests.galaxy_server import EXAMPLES, ROOT, GalaxyServer
 from tests.sitedirector import arc_server
 
@@ -38,18 +38,8 @@ FINAL = {"Done", "Failed", "Aborted", "Deleted"}
 
 @pytest.fixture(scope="module")
 def arex() -> Iterator[arc_server.ArcCE]:
-    """A private A-REX for this module, stopped (with every job process it started) afterwards."""
-    try:
-        import cryptography  # noqa: F401 - the ARC backend's proxy delegation needs it
-    except ImportError:
-        unavailable("cryptography", "the ARC backend's proxy delegation needs it (pip install cryptography)")
-    arc_server.ensure_installed()
-    ce = arc_server.ArcCE(info_period=2)
-    try:
-        ce.setup().start()
+    with arc_server.running_arex() as ce:
         yield ce
-    finally:
-        ce.stop()
 
 
 class SiteDirectorRun:

@@ -21,13 +21,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator
 
 import pytest
-import requests
 import yaml
 
 from galaxy_dirac import jdl
-from tests.conftest import WMSServer
 from tests.galaxy_server import GalaxyServer
-from tests.runner.test_galaxy import Pilot
+from tests.galaxy_stack import GalaxyStack, galaxy_stack
 
 pytestmark = [pytest.mark.galaxy, pytest.mark.podman, pytest.mark.slow]
 
@@ -107,7 +105,7 @@ def _write_tools(tools_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Any]]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GalaxyStack]:
     if not shutil.which("podman") or not shutil.which("runc"):
         pytest.fail("podman and runc are not installed (scripts/ensure-services.sh installs them)")
     home = tmp_path_factory.mktemp("containers")
@@ -139,54 +137,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Any]]:
             sort_keys=False,
         )
     )
-    wms = WMSServer(home / "wms", maintenance_interval=1).start()
-    token_file = home / "runner.token"
-    token_file.write_text(wms.token("runner", "galaxy", "galaxy_user") + "\n")
-    galaxy = GalaxyServer(
-        home / "galaxy",
-        env={"GALAXY_DIRAC_SCHEDULER_URL": wms.url, "GALAXY_DIRAC_TOKEN_FILE": str(token_file)},
-        config={"tool_config_file": str(tools_dir / "tool_conf.xml"), "job_config_file": str(job_conf)},
-    )
-    pilots = []
-    try:
-        galaxy.start()
-        token = wms.token("pilot")
+    config = {"tool_config_file": str(tools_dir / "tool_conf.xml"), "job_config_file": str(job_conf)}
+    with galaxy_stack(home, config=config) as stack:
         # The pilots detect their runtimes: Podman answers on the first node, the second is told it has none.
-        pilots.append(Pilot(wms, token, home / "pilot-podman", site="Local.podman", env={"CONTAINERS_CONF": str(conf)}))
-        pilots.append(
-            Pilot(wms, token, home / "pilot-bare", site="Local.bare",
-                  env={"GALAXY_DIRAC_PILOT_CONTAINER_RUNTIMES": "none"})
-        )  # fmt: skip
+        stack.add_pilot("pilot-podman", site="Local.podman", env={"CONTAINERS_CONF": str(conf)})
+        stack.add_pilot("pilot-bare", site="Local.bare", env={"GALAXY_DIRAC_PILOT_CONTAINER_RUNTIMES": "none"})
         # Galaxy's tree is on this machine, but counts as missing for the stand-in, as on a real node.
-        standin_env = {"PATH": f"{standin}:{os.environ['PATH']}", "GALAXY_DIRAC_STANDIN_ABSENT": str(galaxy.home)}
-        pilots.append(Pilot(wms, token, home / "pilot-apptainer", site="Local.apptainer", env=standin_env))
-        yield {"wms": wms, "galaxy": galaxy, "admin": wms.token("admin"), "conf": conf, "image": str(image)}
-    finally:
-        for pilot in pilots:
-            pilot.stop()
-        galaxy.stop()
-        wms.stop()
-        sys.stderr.write(f"\ncontainer stack logs: {home}\n")
-
-
-def _wms(stack: Dict[str, Any], method: str, path: str, **kwargs: Any) -> Any:
-    headers = {"Authorization": f"Bearer {stack['admin']}"}
-    response = requests.request(method, f"{stack['wms'].url}/{path}", headers=headers, timeout=30, **kwargs)
-    assert response.status_code in (200, 206), response.text
-    return response.json()
-
-
-def _received_jdl(stack: Dict[str, Any], dirac_id: str) -> Any:
-    return jdl.parse(_wms(stack, "GET", f"api/x-embedded/jobs/{int(dirac_id)}")["JDL"])
+        standin_env = {"PATH": f"{standin}:{os.environ['PATH']}", "GALAXY_DIRAC_STANDIN_ABSENT": str(stack.galaxy.home)}
+        stack.add_pilot("pilot-apptainer", site="Local.apptainer", env=standin_env)
+        stack.extra.update(conf=conf, image=str(image))
+        yield stack
+    sys.stderr.write(f"\ncontainer stack logs: {home}\n")
 
 
 INPUT = "alpha\nbeta\n"
 
 
 @pytest.fixture(scope="module")
-def submitted(stack: Dict[str, Any]) -> Dict[str, str]:
+def submitted(stack: GalaxyStack) -> Dict[str, str]:
     """Every container tool submitted at once (Galaxy job id per tool), so their DIRAC jobs run side by side."""
-    galaxy: GalaxyServer = stack["galaxy"]
+    galaxy: GalaxyServer = stack.galaxy
     history = galaxy.new_history("containers")
     dataset = {"src": "hda", "id": galaxy.upload(history, INPUT)}
     jobs = {}
@@ -199,27 +169,27 @@ def submitted(stack: Dict[str, Any]) -> Dict[str, str]:
     return jobs
 
 
-def _run(stack: Dict[str, Any], submitted: Dict[str, str], tool_id: str) -> Dict[str, Any]:
-    return stack["galaxy"].wait_job(submitted[tool_id], timeout=300)
+def _run(stack: GalaxyStack, submitted: Dict[str, str], tool_id: str) -> Dict[str, Any]:
+    return stack.galaxy.wait_job(submitted[tool_id], timeout=300)
 
 
 @pytest.mark.parametrize("tool_id", ["ct_cat", "ct_cat_sandbox"])
 def test_tool_runs_in_its_container_on_a_pilot_with_podman(stack: Dict, submitted: Dict, tool_id: str) -> None:
-    galaxy: GalaxyServer = stack["galaxy"]
+    galaxy: GalaxyServer = stack.galaxy
     job = _run(stack, submitted, tool_id)
     assert job["state"] == "ok", f"{job}\n{galaxy.log_tail()}"
     # The image's marker and the input, read inside the container; the output written there reached Galaxy.
     assert galaxy.content(job["outputs"]["out_file1"]["id"]) == f"{MARKER}\n{INPUT}"
-    assert jdl.lookup(_received_jdl(stack, job["external_id"]), "Tags") in ("podman", ["podman"])
+    assert jdl.lookup(stack.received_jdl(job["external_id"]), "Tags") in ("podman", ["podman"])
 
 
 @pytest.mark.parametrize("tool_id", ["ct_slots", "ct_slots_sandbox"])
 def test_galaxy_slots_and_memory_reach_the_tool_in_its_container(stack: Dict, submitted: Dict, tool_id: str) -> None:
-    galaxy: GalaxyServer = stack["galaxy"]
+    galaxy: GalaxyServer = stack.galaxy
     job = _run(stack, submitted, tool_id)
     assert job["state"] == "ok", f"{job}\n{galaxy.log_tail()}"
     assert galaxy.content(job["outputs"]["out_file1"]["id"]) == f"{MARKER}\nslots=2 memory=1000\n"
-    received = _received_jdl(stack, job["external_id"])
+    received = stack.received_jdl(job["external_id"])
     assert jdl.lookup(received, "NumberOfProcessors") == 2
     tags = jdl.lookup(received, "Tags")
     assert "podman" in ([tags] if isinstance(tags, str) else tags)
@@ -227,15 +197,15 @@ def test_galaxy_slots_and_memory_reach_the_tool_in_its_container(stack: Dict, su
 
 def test_destination_image_runs_a_tool_without_a_container(stack: Dict, submitted: Dict) -> None:
     """``container: docker://…`` on the destination: Galaxy's fallback image for a tool naming none."""
-    galaxy: GalaxyServer = stack["galaxy"]
+    galaxy: GalaxyServer = stack.galaxy
     job = _run(stack, submitted, "ct_plain")
     assert job["state"] == "ok", f"{job}\n{galaxy.log_tail()}"
     assert galaxy.content(job["outputs"]["out_file1"]["id"]) == f"{MARKER}\n{INPUT}"
 
 
 def test_missing_image_fails_with_the_runtime_error(stack: Dict, submitted: Dict) -> None:
-    assert _podman(stack["conf"], "image", "exists", ABSENT_IMAGE).returncode != 0
-    galaxy: GalaxyServer = stack["galaxy"]
+    assert _podman(stack.extra["conf"], "image", "exists", ABSENT_IMAGE).returncode != 0
+    galaxy: GalaxyServer = stack.galaxy
     job = _run(stack, submitted, "ct_missing")
     assert job["state"] == "error", job
     # Podman's own message, naming the image, is in what Galaxy shows the user.
@@ -245,7 +215,7 @@ def test_missing_image_fails_with_the_runtime_error(stack: Dict, submitted: Dict
 
 
 def test_no_slot_without_the_runtime_takes_a_container_job(stack: Dict, submitted: Dict) -> None:
-    galaxy: GalaxyServer = stack["galaxy"]
+    galaxy: GalaxyServer = stack.galaxy
     history, waiting = submitted["history"], submitted["ct_cat_bare"]
     # The pilot at Local.bare is matching: a job without a container runs there, after the container job was queued.
     control = galaxy.wait_job(galaxy.run_tool(history, "ct_host", {"label": "x"})["jobs"][0]["id"], timeout=300)
@@ -256,12 +226,12 @@ def test_no_slot_without_the_runtime_takes_a_container_job(stack: Dict, submitte
         assert job["state"] == "queued", job
         time.sleep(1)
     assert job["external_id"], job
-    status = _wms(stack, "POST", "api/jobs/search", json={
+    status = stack.scheduler("POST", "api/jobs/search", json={
         "parameters": ["JobID", "Status", "MinorStatus"],
         "search": [{"parameter": "JobID", "operator": "eq", "value": int(job["external_id"])}],
     })  # fmt: skip
     assert [row["Status"] for row in status] == ["Waiting"], status
-    tags = jdl.lookup(_received_jdl(stack, job["external_id"]), "Tags")
+    tags = jdl.lookup(stack.received_jdl(job["external_id"]), "Tags")
     assert "podman" in ([tags] if isinstance(tags, str) else tags)
     # What the user sees on the queued dataset: where the job stands in DIRAC and the slot it waits for.
     info = galaxy.api("GET", f"datasets/{job['outputs']['out_file1']['id']}")["misc_info"]
@@ -272,9 +242,9 @@ def test_no_slot_without_the_runtime_takes_a_container_job(stack: Dict, submitte
 
 def test_apptainer_destination_with_a_cvmfs_image(stack: Dict, submitted: Dict) -> None:
     """Galaxy's own Apptainer command, through the named stand-in: image path, binds and GALAXY_SLOTS on the node."""
-    galaxy: GalaxyServer = stack["galaxy"]
+    galaxy: GalaxyServer = stack.galaxy
     job = _run(stack, submitted, "ct_env")
     assert job["state"] == "ok", f"{job}\n{galaxy.log_tail()}"
-    assert galaxy.content(job["outputs"]["out_file1"]["id"]) == f"slots=2 image={stack['image']}\n{INPUT}"
-    tags = jdl.lookup(_received_jdl(stack, job["external_id"]), "Tags")
+    assert galaxy.content(job["outputs"]["out_file1"]["id"]) == f"slots=2 image={stack.extra['image']}\n{INPUT}"
+    tags = jdl.lookup(stack.received_jdl(job["external_id"]), "Tags")
     assert "apptainer" in ([tags] if isinstance(tags, str) else tags)

@@ -5,136 +5,38 @@ One Galaxy server, one scheduler and one pilot process for the whole module (the
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
-from tests.conftest import WMSServer, wait_for
+from tests.conftest import wait_for
 from tests.galaxy_server import ADMIN_KEY, GalaxyServer
+from tests.galaxy_stack import GalaxyStack, galaxy_stack
 
 pytestmark = pytest.mark.galaxy
 
 TIMINGS: Dict[str, float] = {}
 
 
-class Pilot:
-    """A real pilot process (``python -m galaxy_dirac.pilot``) serving Local.test (or ``site``; ``env`` added)."""
-
-    def __init__(
-        self,
-        wms: WMSServer,
-        token: str,
-        workdir: Path,
-        processors: int = 2,
-        site: str = "Local.test",
-        env: Optional[Dict[str, str]] = None,
-    ) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / "pilot.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "galaxy_dirac.pilot",
-                "--url",
-                wms.url,
-                "--token",
-                token,
-                "--site",
-                site,
-                "--processors",
-                str(processors),
-                "--heartbeat-interval",
-                "1",
-                "--max-empty-matches",
-                "100000",
-                "--max-idle",
-                "900",
-                "--idle-backoff",
-                "0.2",
-                "--idle-backoff-max",
-                "0.5",
-                "--workdir",
-                str(workdir),
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **env} if env else None,
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Any]]:
-    home = tmp_path_factory.mktemp("galaxy-stack")
-    wms = WMSServer(home / "wms", maintenance_interval=1).start()
-    token_file = home / "runner.token"
-    token_file.write_text(wms.token("runner", "galaxy", "galaxy_user") + "\n")
-    reader = wms.token("admin")
-    pilot_token = wms.token("pilot")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GalaxyStack]:
     started = time.monotonic()
-    galaxy = GalaxyServer(
-        home / "galaxy",
-        env={"GALAXY_DIRAC_SCHEDULER_URL": wms.url, "GALAXY_DIRAC_TOKEN_FILE": str(token_file)},
-    )
-    TIMINGS["galaxy_venv"] = time.monotonic() - started
-    pilots: List[Pilot] = []
-    try:
-        galaxy.start()
-        TIMINGS["galaxy_startup"] = galaxy.startup_seconds[-1]
-        pilots.append(Pilot(wms, pilot_token, home / "pilot-1"))
-        yield {
-            "wms": wms,
-            "galaxy": galaxy,
-            "pilots": pilots,
-            "pilot_token": pilot_token,
-            "admin": reader,
-            "home": home,
-        }
-    finally:
-        for pilot in pilots:
-            pilot.stop()
-        galaxy.stop()
-        wms.stop()
-        sys.stderr.write(f"\ngalaxy stack timings: {TIMINGS}\n")
-
-
-def _dirac_jobs(stack: Dict[str, Any]) -> List[Dict[str, Any]]:
-    import requests
-
-    wms = stack["wms"]
-    response = requests.post(
-        f"{wms.url}/api/jobs/search",
-        params={"per_page": 1000},
-        json={"parameters": ["JobID", "JobName", "Status", "MinorStatus"]},
-        headers={"Authorization": f"Bearer {stack['admin']}"},
-    )
-    assert response.status_code in (200, 206), response.text
-    return response.json()
+    with galaxy_stack(tmp_path_factory.mktemp("galaxy-stack")) as stack:
+        TIMINGS["galaxy_startup"] = stack.galaxy.startup_seconds[-1]
+        stack.add_pilot("pilot-1")
+        yield stack
+    TIMINGS["stack"] = time.monotonic() - started
+    sys.stderr.write(f"\ngalaxy stack timings: {TIMINGS}\n")
 
 
 def _output(job: Dict[str, Any], name: str) -> str:
     return job["outputs"][name]["id"]
 
 
-def test_single_tool_galaxy_transport(stack: Dict[str, Any]) -> None:
-    galaxy: GalaxyServer = stack["galaxy"]
+def test_single_tool_galaxy_transport(stack: GalaxyStack) -> None:
+    galaxy: GalaxyServer = stack.galaxy
     history = galaxy.new_history("single")
     first = galaxy.upload(history, "alpha\nbeta\n")
     second = galaxy.upload(history, "gamma\n")
@@ -164,8 +66,8 @@ def test_single_tool_galaxy_transport(stack: Dict[str, Any]) -> None:
     assert job["external_id"] == str(dirac_id)
 
 
-def test_single_tool_sandbox_transport(stack: Dict[str, Any]) -> None:
-    galaxy: GalaxyServer = stack["galaxy"]
+def test_single_tool_sandbox_transport(stack: GalaxyStack) -> None:
+    galaxy: GalaxyServer = stack.galaxy
     history = galaxy.new_history("sandbox")
     first = galaxy.upload(history, "one\n")
     second = galaxy.upload(history, "two\n")
@@ -180,8 +82,8 @@ def test_single_tool_sandbox_transport(stack: Dict[str, Any]) -> None:
     )  # the JDL asks for one processor: GALAXY_SLOTS comes from the pilot
 
 
-def test_failing_tool_reports_stderr(stack: Dict[str, Any]) -> None:
-    galaxy: GalaxyServer = stack["galaxy"]
+def test_failing_tool_reports_stderr(stack: GalaxyStack) -> None:
+    galaxy: GalaxyServer = stack.galaxy
     history = galaxy.new_history("fail")
     data = galaxy.upload(history, "x\n")
     run = galaxy.run_tool(history, "gd_fail", {"input1": {"src": "hda", "id": data}})
@@ -191,8 +93,8 @@ def test_failing_tool_reports_stderr(stack: Dict[str, Any]) -> None:
     assert job["exit_code"] == 3
 
 
-def test_kill_from_galaxy(stack: Dict[str, Any]) -> None:
-    galaxy: GalaxyServer = stack["galaxy"]
+def test_kill_from_galaxy(stack: GalaxyStack) -> None:
+    galaxy: GalaxyServer = stack.galaxy
     history = galaxy.new_history("kill")
     data = galaxy.upload(history, "x\n")
     run = galaxy.run_tool(history, "gd_sleep", {"input1": {"src": "hda", "id": data}, "seconds": 300})
@@ -203,7 +105,7 @@ def test_kill_from_galaxy(stack: Dict[str, Any]) -> None:
     deadline = time.monotonic() + 60
     status = None
     while time.monotonic() < deadline:
-        status = {row["JobID"]: row["Status"] for row in _dirac_jobs(stack)}.get(int(external_id))
+        status = {row["JobID"]: row["Status"] for row in stack.dirac_jobs()}.get(int(external_id))
         if status == "Killed":
             break
         time.sleep(0.5)
@@ -223,8 +125,8 @@ WORKFLOW = {
 }
 
 
-def test_workflow_with_collection(stack: Dict[str, Any]) -> None:
-    galaxy: GalaxyServer = stack["galaxy"]
+def test_workflow_with_collection(stack: GalaxyStack) -> None:
+    galaxy: GalaxyServer = stack.galaxy
     history = galaxy.new_history("workflow")
     data = galaxy.upload(history, "l1\nl2\nl3\n")
     workflow = galaxy.api("POST", "workflows", json={"workflow": WORKFLOW})
@@ -240,11 +142,11 @@ def test_workflow_with_collection(stack: Dict[str, Any]) -> None:
     assert jobs["states"] == {"ok": 2}, jobs
 
 
-def test_restart_recovers_queued_and_running_jobs(stack: Dict[str, Any]) -> None:
-    galaxy: GalaxyServer = stack["galaxy"]
+def test_restart_recovers_queued_and_running_jobs(stack: GalaxyStack) -> None:
+    galaxy: GalaxyServer = stack.galaxy
     history = galaxy.new_history("restart")
     data = galaxy.upload(history, "restart\n")
-    before = len(_dirac_jobs(stack))
+    before = len(stack.dirac_jobs())
     job_ids = [
         galaxy.run_tool(history, "gd_sleep", {"input1": {"src": "hda", "id": data}, "seconds": 12})["jobs"][0]["id"]
         for _ in range(3)
@@ -266,6 +168,6 @@ def test_restart_recovers_queued_and_running_jobs(stack: Dict[str, Any]) -> None
         job = galaxy.wait_job(job_id, timeout=240)
         assert job["state"] == "ok", f"{job}\n{galaxy.log_tail()}"
         assert galaxy.content(_output(job, "out_file1")) == "restart\n"
-    after = _dirac_jobs(stack)
+    after = stack.dirac_jobs()
     assert len(after) - before == 3, after[before:]
     assert len({galaxy.job(j)["external_id"] for j in job_ids}) == 3

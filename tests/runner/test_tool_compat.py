@@ -28,7 +28,7 @@ import yaml
 
 from tests.conftest import WMSServer
 from tests.galaxy_server import ADMIN_KEY, GalaxyServer
-from tests.runner.test_galaxy import Pilot
+from tests.galaxy_stack import GalaxyStack, galaxy_stack
 
 pytestmark = [pytest.mark.galaxy, pytest.mark.slow, pytest.mark.compat]
 
@@ -48,28 +48,14 @@ MAX_INPUT_SANDBOX_BYTES = 1 << 20
 TIMINGS: Dict[str, float] = {}
 
 
-class IsolatedPilot(Pilot):
-    """A real pilot process that cannot see Galaxy's files: tmpfs over ``hidden`` in a private mount namespace.
+def isolated(hidden: List[Path]) -> List[str]:
+    """A pilot's command prefix that hides ``hidden`` behind empty tmpfs mounts in a private mount namespace.
 
     Pilot and Galaxy share this machine, so a Galaxy path the bundle forgot to rewrite or ship would still work on
     the "worker node" and the test would pass for the wrong reason. Here the job sees only what staging gave it.
     """
-
-    def __init__(self, wms: WMSServer, token: str, workdir: Path, hidden: List[Path], processors: int) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / "pilot.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        mounts = " && ".join(f"mount -t tmpfs -o size=1m,mode=000 galaxy-hidden '{path}'" for path in hidden)
-        pilot = [sys.executable, "-m", "galaxy_dirac.pilot", "--url", wms.url, "--token", token]
-        pilot += ["--site", "Local.test", "--processors", str(processors), "--heartbeat-interval", "1"]
-        pilot += ["--max-empty-matches", "100000", "--max-idle", "3600", "--idle-backoff", "0.2"]
-        pilot += ["--idle-backoff-max", "0.5", "--workdir", str(workdir)]
-        self.process = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "pilot", *pilot],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    mounts = " && ".join(f"mount -t tmpfs -o size=1m,mode=000 galaxy-hidden '{path}'" for path in hidden)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "pilot"]
 
 
 def _tool_files() -> List[Path]:
@@ -165,7 +151,7 @@ def _write_data_tables(tool_data: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def compat_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Any]]:
+def compat_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GalaxyStack]:
     started = time.monotonic()
     home = tmp_path_factory.mktemp("compat")
     tools_dir = home / "tools"
@@ -173,34 +159,23 @@ def compat_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str,
     job_conf = home / "compat_job_conf.yml"
     _write_job_conf(job_conf, bases)
     table_conf = _write_data_tables(home / "tool-data")
-    wms = WMSServer(home / "wms", maintenance_interval=1).start()
-    token_file = home / "runner.token"
-    token_file.write_text(wms.token("runner", "galaxy", "galaxy_user") + "\n")
-    galaxy = GalaxyServer(
-        home / "galaxy",
-        env={"GALAXY_DIRAC_SCHEDULER_URL": wms.url, "GALAXY_DIRAC_TOKEN_FILE": str(token_file)},
-        config={
-            "tool_config_file": str(tools_dir / "compat_tool_conf.xml"),
-            "job_config_file": str(job_conf),
-            "tool_data_table_config_path": str(table_conf),
-        },
-    )
-    pilot = None
+    config = {
+        "tool_config_file": str(tools_dir / "compat_tool_conf.xml"),
+        "job_config_file": str(job_conf),
+        "tool_data_table_config_path": str(table_conf),
+    }
     assert shutil.which("unshare"), "unshare (util-linux) is needed to hide Galaxy's files from the pilot"
     try:
-        galaxy.start()
-        TIMINGS["galaxy_startup"] = galaxy.startup_seconds[-1]
-        # Galaxy's state, its tools and reference data, and its venv are not on the worker node.
-        hidden = [home / "galaxy", tools_dir, home / "tool-data", galaxy.venv]
-        pilot = IsolatedPilot(wms, wms.token("pilot"), home / "pilot", hidden, processors=4)
-        time.sleep(1)
-        assert pilot.process.poll() is None, f"pilot exited: {pilot.log_path.read_text()[-3000:]}"
-        yield {"galaxy": galaxy, "wms": wms, "home": home, "bases": bases}
+        with galaxy_stack(home, config=config) as stack:
+            TIMINGS["galaxy_startup"] = stack.galaxy.startup_seconds[-1]
+            # Galaxy's state, its tools and reference data, and its venv are not on the worker node.
+            hidden = [home / "galaxy", tools_dir, home / "tool-data", stack.galaxy.venv]
+            pilot = stack.add_pilot("pilot", processors=4, wrap=isolated(hidden))
+            time.sleep(1)
+            assert pilot.process.poll() is None, f"pilot exited: {pilot.log_path.read_text()[-3000:]}"
+            stack.extra["bases"] = bases
+            yield stack
     finally:
-        if pilot:
-            pilot.stop()
-        galaxy.stop()
-        wms.stop()
         TIMINGS["total"] = time.monotonic() - started
         sys.stderr.write(f"\ntool compat timings (s): { {k: round(v, 1) for k, v in TIMINGS.items()} }\n")
 
@@ -322,9 +297,9 @@ def _compare(cases: Dict[Tuple[str, int], Dict[str, Dict[str, Any]]]) -> Dict[st
 
 
 @pytest.mark.timeout(3600)  # every tool test three ways: far over the suite's per-test cap
-def test_tools_work_through_dirac_as_locally(compat_stack: Dict[str, Any]) -> None:
-    galaxy: GalaxyServer = compat_stack["galaxy"]
-    report = compat_stack["home"] / "tool_test_report.json"
+def test_tools_work_through_dirac_as_locally(compat_stack: GalaxyStack) -> None:
+    galaxy: GalaxyServer = compat_stack.galaxy
+    report = compat_stack.home / "tool_test_report.json"
     markdown = os.environ.get("GALAXY_DIRAC_COMPAT_REPORT")
     started = time.monotonic()
 
@@ -333,7 +308,7 @@ def test_tools_work_through_dirac_as_locally(compat_stack: Dict[str, Any]) -> No
             return
         result = _compare(_results(report))
         extra = ["## Fail locally too (not compared)", ""] + [f"- {r}" for r in result["local_failures"] or ["none"]]
-        extra += ["", f"Largest input sandboxes (DIRAC job, bytes): {_largest_input_sandboxes(compat_stack['wms'])}"]
+        extra += ["", f"Largest input sandboxes (DIRAC job, bytes): {_largest_input_sandboxes(compat_stack.wms)}"]
         extra += ["", "(final)" if final else "(run in progress: pages still to come)"]
         wall = time.monotonic() - started
         Path(markdown).write_text(_markdown(result["counts"], result["regressions"], wall, extra))
@@ -344,7 +319,7 @@ def test_tools_work_through_dirac_as_locally(compat_stack: Dict[str, Any]) -> No
     write_markdown(final=True)
     cases = _results(report)
     result = _compare(cases)
-    largest = _largest_input_sandboxes(compat_stack["wms"])
+    largest = _largest_input_sandboxes(compat_stack.wms)
     sys.stderr.write(
         f"\ntool compat: {result['summary']}; galaxy-tool-test {wall:.0f} s; largest input sandboxes {largest}\n"
     )
@@ -355,7 +330,7 @@ def test_tools_work_through_dirac_as_locally(compat_stack: Dict[str, Any]) -> No
     for line in result["regressions"]:
         sys.stderr.write(f"  REGRESSION {line}\n")
 
-    missing = sorted(set(compat_stack["bases"]) - {base for base, _ in cases})
+    missing = sorted(set(compat_stack.extra["bases"]) - {base for base, _ in cases})
     assert not missing, f"galaxy-tool-test ran no test of {missing}: {client_problems}"
     assert result["counts"]["local"][0] > 0, "nothing passed locally:\n" + "\n".join(result["local_failures"])
     regressions = "\n".join(result["regressions"])

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Dict, Iterator
 
 import pytest
-import requests
 
 from galaxy_dirac import jdl
-from tests.conftest import WMSServer, stop_process_group
 from tests.galaxy_server import ADMIN_KEY, EXAMPLES, GalaxyServer
+from tests.galaxy_stack import GalaxyStack, galaxy_stack
 
 pytestmark = [pytest.mark.galaxy, pytest.mark.slow]
 
@@ -29,72 +26,34 @@ CE = "ce01.tpv.example.org"
 QUEUE = "grid-long"
 
 
-def _start_pilot(wms: WMSServer, token: str, workdir: Path, stamp: str) -> subprocess.Popen:
-    """A real pilot (2 cores, 8 GB) for Local.test that says which CE and queue it came from."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "pilot.log", "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "galaxy_dirac.pilot", "--url", wms.url, "--token", token, "--site", "Local.test",
-             "--ce", CE, "--queue", QUEUE, "--stamp", stamp, "--processors", "2", "--memory", "8000",
-             "--heartbeat-interval", "1", "--max-empty-matches", "100000", "--max-idle", "900",
-             "--idle-backoff", "0.2", "--idle-backoff-max", "0.5", "--workdir", str(workdir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def tpv_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Any]]:
-    home = tmp_path_factory.mktemp("tpv-stack")
-    wms = WMSServer(home / "wms", maintenance_interval=1).start()
-    token_file = home / "runner.token"
-    token_file.write_text(wms.token("runner", "galaxy", "galaxy_user") + "\n")
-    admin = wms.token("admin")
+def tpv_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GalaxyStack]:
+    def use_tpv(galaxy: GalaxyServer) -> None:
+        # The example job_conf names its TPV rules relative to Galaxy's working directory, as an admin's would.
+        config = galaxy.config_path.read_text()
+        plain = f"job_config_file: {EXAMPLES}/job_conf.yml"
+        assert plain in config
+        galaxy.config_path.write_text(config.replace(plain, f"job_config_file: {EXAMPLES}/tpv/job_conf.yml"))
+        (galaxy.home / "tpv").symlink_to(EXAMPLES / "tpv", target_is_directory=True)
+
     stamp = f"tpv-{uuid.uuid4().hex[:12]}"
-    galaxy = GalaxyServer(
-        home / "galaxy",
-        env={"GALAXY_DIRAC_SCHEDULER_URL": wms.url, "GALAXY_DIRAC_TOKEN_FILE": str(token_file)},
-    )
-    # The example job_conf names its TPV rules relative to Galaxy's working directory, as an admin's would.
-    config = galaxy.config_path.read_text()
-    plain = f"job_config_file: {EXAMPLES}/job_conf.yml"
-    assert plain in config
-    galaxy.config_path.write_text(config.replace(plain, f"job_config_file: {EXAMPLES}/tpv/job_conf.yml"))
-    (galaxy.home / "tpv").symlink_to(EXAMPLES / "tpv", target_is_directory=True)
-    pilot = None
-    try:
-        galaxy.start()
-        TIMINGS["galaxy_startup"] = galaxy.startup_seconds[-1]
-        pilot = _start_pilot(wms, wms.token("pilot"), home / "pilot", stamp)
-        yield {"wms": wms, "galaxy": galaxy, "admin": admin, "stamp": stamp}
-    finally:
-        stop_process_group(pilot, timeout=20)
-        galaxy.stop()
-        wms.stop()
-        sys.stderr.write(f"\ntpv stack timings: {TIMINGS}\n")
+    with galaxy_stack(tmp_path_factory.mktemp("tpv-stack"), before_start=use_tpv) as stack:
+        TIMINGS["galaxy_startup"] = stack.galaxy.startup_seconds[-1]
+        # A pilot (2 cores, 8 GB) for Local.test that says which CE and queue it came from.
+        stack.add_pilot("pilot", args=["--ce", CE, "--queue", QUEUE, "--stamp", stamp, "--memory", "8000"])
+        stack.extra["stamp"] = stamp
+        yield stack
+    sys.stderr.write(f"\ntpv stack timings: {TIMINGS}\n")
 
 
-def _wms(stack: Dict[str, Any], method: str, path: str, **kwargs: Any) -> Any:
-    response = requests.request(
-        method,
-        f"{stack['wms'].url}/{path}",
-        headers={"Authorization": f"Bearer {stack['admin']}"},
-        timeout=30,
-        **kwargs,
-    )
-    assert response.status_code in (200, 206), response.text
-    return response.json()
-
-
-def _dirac_job_count(stack: Dict[str, Any]) -> int:
-    return len(_wms(stack, "POST", "api/jobs/search", params={"per_page": 1000}, json={"parameters": ["JobID"]}))
+def _dirac_job_count(stack: GalaxyStack) -> int:
+    return len(stack.dirac_jobs())
 
 
 @pytest.fixture(scope="module")
-def cat_job(tpv_stack: Dict[str, Any]) -> Dict[str, Any]:
+def cat_job(tpv_stack: GalaxyStack) -> Dict[str, Any]:
     """gd_cat, which the TPV rules send to DIRAC with 2 cores and 3 GB, run once to the end."""
-    galaxy: GalaxyServer = tpv_stack["galaxy"]
+    galaxy: GalaxyServer = tpv_stack.galaxy
     history = galaxy.new_history("tpv")
     first = galaxy.upload(history, "alpha\n")
     second = galaxy.upload(history, "beta\n")
@@ -108,15 +67,15 @@ def cat_job(tpv_stack: Dict[str, Any]) -> Dict[str, Any]:
     return job
 
 
-def test_tpv_sends_the_tool_to_dirac_with_its_cores_and_memory(tpv_stack: Dict[str, Any], cat_job: Dict) -> None:
-    galaxy: GalaxyServer = tpv_stack["galaxy"]
+def test_tpv_sends_the_tool_to_dirac_with_its_cores_and_memory(tpv_stack: GalaxyStack, cat_job: Dict) -> None:
+    galaxy: GalaxyServer = tpv_stack.galaxy
     admin = {"x-api-key": ADMIN_KEY}
     destination = galaxy.api("GET", f"jobs/{cat_job['id']}/destination_params", headers=admin)
     assert destination["Runner"] == "dirac", destination
     assert destination["Runner Job ID"] == cat_job["external_id"]
     # TPV evaluated the params templates of examples/tpv/dirac.yml with the tool's cores=2 and mem=3 (GB).
     assert (destination["processors"], destination["memory"], destination["cpu_time"]) == ("2", "3072", "43200")
-    received = jdl.parse(_wms(tpv_stack, "GET", f"api/x-embedded/jobs/{int(cat_job['external_id'])}")["JDL"])
+    received = tpv_stack.received_jdl(cat_job["external_id"])
     assert jdl.lookup(received, "NumberOfProcessors") == 2, received
     assert jdl.lookup(received, "MinRAM") == 3072 and jdl.lookup(received, "MaxRAM") == 3072, received
     assert jdl.lookup(received, "CPUTime") == 43200
@@ -129,8 +88,8 @@ def test_tpv_sends_the_tool_to_dirac_with_its_cores_and_memory(tpv_stack: Dict[s
     assert galaxy.content(cat_job["outputs"]["out_file1"]["id"]) == "alpha\nbeta\n"
 
 
-def test_tpv_keeps_other_tools_on_the_local_runner(tpv_stack: Dict[str, Any]) -> None:
-    galaxy: GalaxyServer = tpv_stack["galaxy"]
+def test_tpv_keeps_other_tools_on_the_local_runner(tpv_stack: GalaxyStack) -> None:
+    galaxy: GalaxyServer = tpv_stack.galaxy
     history = galaxy.new_history("tpv-local")
     data = galaxy.upload(history, "local\n")
     before = _dirac_job_count(tpv_stack)
@@ -142,10 +101,10 @@ def test_tpv_keeps_other_tools_on_the_local_runner(tpv_stack: Dict[str, Any]) ->
     assert _dirac_job_count(tpv_stack) == before
 
 
-def test_job_information_shows_where_the_dirac_job_ran(tpv_stack: Dict[str, Any], cat_job: Dict) -> None:
-    galaxy: GalaxyServer = tpv_stack["galaxy"]
+def test_job_information_shows_where_the_dirac_job_ran(tpv_stack: GalaxyStack, cat_job: Dict) -> None:
+    galaxy: GalaxyServer = tpv_stack.galaxy
     dirac_id = int(cat_job["external_id"])
-    scheduler = _wms(tpv_stack, "GET", f"api/x-embedded/jobs/{dirac_id}")
+    scheduler = tpv_stack.scheduler("GET", f"api/x-embedded/jobs/{dirac_id}")
     metrics = galaxy.api("GET", f"jobs/{cat_job['id']}/metrics", headers={"x-api-key": ADMIN_KEY})
     dirac = {m["title"]: m for m in metrics if m["plugin"] == "dirac"}
     shown = {title: m["value"] for title, m in dirac.items()}
@@ -153,7 +112,7 @@ def test_job_information_shows_where_the_dirac_job_ran(tpv_stack: Dict[str, Any]
     assert shown["DIRAC site"] == scheduler["Site"] == "Local.test"
     assert shown["Computing element"] == CE
     assert shown["Computing element queue"] == QUEUE
-    assert shown["DIRAC pilot"] == tpv_stack["stamp"] == scheduler["Pilots"][-1]
+    assert shown["DIRAC pilot"] == tpv_stack.extra["stamp"] == scheduler["Pilots"][-1]
     assert shown["DIRAC reschedules"] == str(scheduler["RescheduleCounter"]) == "0"
     start, end = (
         dt.datetime.fromisoformat(scheduler[k].replace("Z", "+00:00")) for k in ("StartExecTime", "EndExecTime")

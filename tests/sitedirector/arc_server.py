@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import requests
 
@@ -419,3 +419,21 @@ advertisedvo = gd
             with contextlib.suppress(OSError):
                 out.append(f"--- {name}\n" + "\n".join((self.root / "log" / name).read_text().splitlines()[-lines:]))
         return "\n".join(out)
+
+
+@contextlib.contextmanager
+def running_arex(info_period: int = 2) -> Iterator[ArcCE]:
+    """A private A-REX, installed if missing and stopped (with every job process it started) afterwards: the one
+    setup the ARC tests' module fixtures share."""
+    try:
+        import cryptography  # noqa: F401 - proxy delegation and the token issuer need it
+    except ImportError:
+        unavailable("cryptography", "the ARC backend's proxy delegation needs it (pip install cryptography)")
+    ensure_installed()
+    ce = ArcCE(info_period=info_period)
+    try:
+        ce.setup().start()
+        print(f"\nA-REX {ce.endpoint}: setup {ce.timings['setup']:.1f}s, start {ce.timings['start']:.1f}s")
+        yield ce
+    finally:
+        ce.stop()

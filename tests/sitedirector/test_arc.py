@@ -21,7 +21,6 @@ from sitedirector.ce.arc import ArcComputingElement, load_csr_public_key, parse_
 from sitedirector.ce.base import ABORTED, DONE, FAILED, RUNNING, UNKNOWN, WAITING, CEError, PilotRef
 from sitedirector.config import ConfigError, Credential, QueueConfig, load, parse
 from sitedirector.director import Director
-from tests.conftest import unavailable
 
 from . import arc_server
 from .conftest import Scheduler, jdl, wait_for, write_config
@@ -29,18 +28,8 @@ from .conftest import Scheduler, jdl, wait_for, write_config
 
 @pytest.fixture(scope="module")
 def arex() -> Iterator[arc_server.ArcCE]:
-    try:
-        import cryptography  # noqa: F401 - proxy delegation and the token issuer need it
-    except ImportError:
-        unavailable("cryptography", "the ARC backend's proxy delegation needs it (pip install cryptography)")
-    arc_server.ensure_installed()
-    ce = arc_server.ArcCE(info_period=2)
-    try:
-        ce.setup().start()
-        print(f"\nA-REX {ce.endpoint}: setup {ce.timings['setup']:.1f}s, start {ce.timings['start']:.1f}s")
+    with arc_server.running_arex() as ce:
         yield ce
-    finally:
-        ce.stop()
 
 
 class Wrapper:
