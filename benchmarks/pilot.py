@@ -4,9 +4,10 @@
 
 Prints the pilot's RSS (idle, and while a job runs), the time from starting the pilot process to its first match,
 and the waiting→matched latency of jobs submitted one at a time to a warm, idle pilot (from the scheduler's own
-status history, so both ends use the server's clock). The same figures are measured for a pilot that polls
-(``--match-wait 0`` with its default back-off) as the baseline in the same run. Targets (issue 3): RSS ≤30 MB,
-start-to-match ≤1 s, p50 waiting→matched ≤0.5 s.
+status history, so both ends use the server's clock), and how long a kill takes to reach a running payload with a
+5 s heartbeat. The same figures are measured for a pilot that polls (``--match-wait 0`` with its default back-off,
+``--command-wait 0``: commands only with heartbeats) as the baseline in the same run. Targets (issues 3 and 14):
+RSS ≤30 MB, start-to-match ≤1 s, p50 waiting→matched ≤0.5 s, kill ≤2 s.
 """
 
 from __future__ import annotations
@@ -123,7 +124,25 @@ def run(label: str, pilot_args: list[str], args: argparse.Namespace, rows: list[
                 times = history_times(admin, server.url, job_id)
                 latencies.append((times["Matched"] - times["Waiting"]).total_seconds())
             latencies.sort()
+            # Kill: from the runner's request to the payload process gone, with a 5 s heartbeat.
+            pid_file = Path(home) / "victim.pid"
+            victim = submit(f"echo $$ > {pid_file}; exec sleep 300")
+            wait_status(admin, server.url, victim, ("Running",), 60)
+            deadline = time.monotonic() + 30
+            while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            victim_pid = int(pid_file.read_text())
+            time.sleep(1.0)  # past the first heartbeat
+            kill_started = time.monotonic()
+            stamp = dt.datetime.now(dt.timezone.utc).isoformat()
+            admin.patch(
+                f"{server.url}/api/jobs/status", json={str(victim): {stamp: {"Status": "Killed"}}}, timeout=30
+            ).raise_for_status()
+            while _alive(victim_pid) and time.monotonic() - kill_started < 60:
+                time.sleep(0.02)
+            kill_seconds = time.monotonic() - kill_started
             rows += [
+                (label, "kill → payload gone, 5 s heartbeat", f"{kill_seconds:.2f} s (target ≤2)"),
                 (label, "pilot RSS idle / while a job runs", f"{idle_rss:.1f} MB / {busy_rss:.1f} MB (target ≤30)"),
                 (label, "process start → first match", f"{to_match:.2f} s (target ≤1)"),
                 (
@@ -140,6 +159,15 @@ def run(label: str, pilot_args: list[str], args: argparse.Namespace, rows: list[
             server.stop()
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent."""
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=20)
@@ -147,7 +175,7 @@ def main() -> int:
     args = parser.parse_args()
     rows: list[tuple[str, str, str]] = []
     run("long poll (default)", [], args, rows)
-    run("baseline: polling", ["--match-wait", "0"], args, rows)
+    run("baseline: polling", ["--match-wait", "0", "--command-wait", "0"], args, rows)
     print_rows(rows)
     return 0
 

@@ -60,6 +60,7 @@ _OPTIONS = [
     ("idle-backoff", float, 5.0, "first wait after an empty match, in seconds (doubles up to --idle-backoff-max)"),
     ("idle-backoff-max", float, 120.0, "longest wait between empty matches, in seconds"),
     ("kill-grace", float, 10.0, "seconds between SIGTERM and SIGKILL when killing a payload"),
+    ("command-wait", float, 25.0, "seconds the scheduler may hold a job's command poll open (0: heartbeats only)"),
     ("outbox-timeout", float, 600.0, "seconds to keep trying to deliver results before exiting"),
     ("log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 ]
@@ -151,6 +152,7 @@ class Pilot:
             ca_bundle=options.ca_bundle,
             heartbeat_interval=options.heartbeat_interval,
             kill_grace=options.kill_grace,
+            command_wait=options.command_wait,
             keep_job_dirs=options.keep_job_dirs,
         )
         cap = max(1.0, min(30.0, 4 * options.heartbeat_interval))

@@ -149,10 +149,6 @@ class Limits:
         self.min_free_disk_mb = min_free_disk_mb
 
 
-#: Seconds the scheduler may hold a command long poll open.
-LISTEN_WAIT = 25.0
-
-
 def kill_tree(pgid: int, grace: float, still_running: Callable[[], bool]) -> None:
     """SIGTERM the process group and its strays, wait up to ``grace`` seconds, then SIGKILL whatever is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -201,6 +197,7 @@ class Watchdog:
         interval: float = 30.0,
         kill_grace: float = 10.0,
         sample_period: Optional[float] = None,
+        command_wait: float = 25.0,
     ) -> None:
         self.pid = pid
         self.job_id = job_id
@@ -210,6 +207,7 @@ class Watchdog:
         self.limits = limits
         self.interval = interval
         self.kill_grace = kill_grace
+        self.command_wait = command_wait
         self.sample_period = sample_period or min(max(interval / 5.0, 0.5), 5.0)
         self.finished = threading.Event()
         self.reason: Optional[str] = None
@@ -228,7 +226,7 @@ class Watchdog:
             thread = threading.Thread(target=target, name=f"{name}-{self.job_id}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        if self.client is not None:  # not joined: a poll in flight ends by itself and must not hold the job up
+        if self.client is not None and self.command_wait > 0:  # not joined: a poll in flight ends by itself
             threading.Thread(target=self._listen, name=f"commands-{self.job_id}", daemon=True).start()
 
     def join(self, timeout: Optional[float] = None) -> None:
@@ -354,7 +352,7 @@ class Watchdog:
         while not self.finished.is_set() and self.reason is None and self.client is not None:
             try:
                 answer = self.client.call(
-                    "GET", path, params={"wait": LISTEN_WAIT}, timeout=LISTEN_WAIT + 15, retries=0
+                    "GET", path, params={"wait": self.command_wait}, timeout=self.command_wait + 15, retries=0
                 )
             except HTTPError as exc:
                 if exc.status in (401, 403, 404, 405, 422):

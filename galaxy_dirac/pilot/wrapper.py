@@ -72,6 +72,7 @@ class WrapperSettings:
         ca_bundle: Optional[str] = None,
         heartbeat_interval: float = 30.0,
         kill_grace: float = 10.0,
+        command_wait: float = 25.0,
         min_free_disk_mb: float = 10.0,
         staging_concurrency: int = 4,
         staging_retries: int = 5,
@@ -84,6 +85,7 @@ class WrapperSettings:
         self.ca_bundle = ca_bundle
         self.heartbeat_interval = heartbeat_interval
         self.kill_grace = kill_grace
+        self.command_wait = command_wait
         self.min_free_disk_mb = min_free_disk_mb
         self.staging_concurrency = staging_concurrency
         self.staging_retries = staging_retries
@@ -422,6 +424,7 @@ class JobWrapper:
             limits=self._limits(),
             interval=self.settings.heartbeat_interval,
             kill_grace=self.settings.kill_grace,
+            command_wait=self.settings.command_wait,
         )
         if self._abort.is_set():
             self.watchdog.kill("abort", "the pilot is stopping")
