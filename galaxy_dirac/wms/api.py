@@ -5,7 +5,6 @@ matcher, pilots, sandbox_metadata or taskqueues. Errors carry ``{"detail": ...}`
 that fails writes nothing.
 """
 
-import asyncio
 import datetime as dt
 import fcntl
 import logging
@@ -13,7 +12,7 @@ import os
 import tempfile
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, AsyncIterator, Callable, Dict, List, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, AsyncIterator, Dict, List, Literal, Optional, Tuple, Union
 
 import orjson
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, Response
@@ -512,12 +511,12 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         caller.require("job", "admin")
         deadline = time.monotonic() + wait
         while True:
-            seen = jobs.commands_generation
+            seen = jobs.commands.value
             commands = await run_in_threadpool(jobs.take_commands, engine, job_id, caller)
             if commands or time.monotonic() >= deadline:
                 return json_response(commands)
             until = min(deadline, time.monotonic() + COMMANDS_RECHECK_INTERVAL)
-            await _until_changed(lambda: jobs.commands_generation, seen, until)
+            await jobs.commands.wait_past(seen, until - time.monotonic())
 
     @app.post("/api/x-embedded/match", tags=["pilots"])
     async def match(caller: Caller, body: SlotDescription, wait: Annotated[float, Query(ge=0, le=120)] = 0) -> Response:
@@ -539,14 +538,14 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         pilot_id = await run_in_threadpool(pilots.pilot_id_for, engine, body.PilotStamp) if body.PilotStamp else None
         deadline = time.monotonic() + wait
         while True:
-            seen = taskqueues.generation
+            seen = taskqueues.changes.value
             row = await run_in_threadpool(matcher.match_job, engine, slot, pilot_id=pilot_id)
             if row is not None:
                 break
             if time.monotonic() >= deadline:
                 return Response(status_code=204)
             until = min(deadline, time.monotonic() + RECHECK_INTERVAL)
-            await _until_changed(lambda: taskqueues.generation, seen, until)
+            await taskqueues.changes.wait_past(seen, until - time.monotonic())
         job_id, text = row.JobID, row.JDL
         lifetime = settings.job_token_lifetime
         token = create_token(
@@ -786,10 +785,7 @@ RECHECK_INTERVAL = 0.5
 COMMANDS_RECHECK_INTERVAL = 1.0
 
 
-async def _until_changed(generation: Callable[[], int], seen: int, until: float) -> None:
-    """Wait until this process's ``generation`` counter moves on from ``seen``, or ``until`` (monotonic) passes."""
-    while generation() == seen and time.monotonic() < until:
-        await asyncio.sleep(0.02)
+
 
 
 def _principal_data(caller: Principal) -> dict[str, Any]:

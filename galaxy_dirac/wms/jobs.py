@@ -50,6 +50,7 @@ from .db import (
     write_transaction,
 )
 from .errors import Forbidden, Invalid, NotFound, WMSError  # noqa: F401 - WMSError: re-exported for callers
+from .signals import Generation
 
 #: The names other modules and tests know these refusals by (the tree itself is in errors.py).
 BadRequest = Invalid
@@ -251,9 +252,9 @@ def submit(engine: Engine, texts: Sequence[str], principal: Principal, settings:
                 if ref in sandbox_ids:
                     mappings.append({"SBId": sandbox_ids[ref], "EntityId": f"Job:{job_id}", "Type": "Input"})
             if key not in tq_for_key:
-                before = taskqueues.generation
+                before = taskqueues.changes.value
                 tq_for_key[key] = taskqueues.find_or_create(conn, key, settings.group_shares, recalculate=False)
-                if taskqueues.generation != before:
+                if taskqueues.changes.value != before:
                     new_queue_groups.add(key.OwnerGroup)
             tq_rows.append((tq_for_key[key], job_id, int(attrs.get("Priority", 1))))
         conn.execute(insert(JobJDLs), jdl_rows)
@@ -264,6 +265,7 @@ def submit(engine: Engine, texts: Sequence[str], principal: Principal, settings:
         taskqueues.insert_jobs(conn, tq_rows)
         if new_queue_groups:
             taskqueues.recalculate_priorities(conn, settings.group_shares, groups=new_queue_groups)
+    taskqueues.changes.bump()
     stamp = _jsonable(now)
     return [{"JobID": j, "Status": states.WAITING, "MinorStatus": MINOR_WAITING, "TimeStamp": stamp} for j in job_ids]
 
@@ -574,7 +576,7 @@ def set_statuses(
                 success[job_id] = {k: v for k, v in outcome.items() if k != "applied"}
         add_logging(conn, log_records)
     if any(record[1] == states.KILLED for record in log_records):
-        _commands_queued()  # after the commit, so a woken long poll finds the Kill
+        commands.bump()  # after the commit, so a woken long poll finds the Kill
     if not success and failed and all(isinstance(refused.get(j), NotFound) for j in failed):
         raise NotFound(failed)  # none of the jobs exists: 404, with each job's reason
     return {"success": success, "failed": failed}
@@ -767,12 +769,7 @@ def _hand_out_commands(conn: Any, ids: Sequence[int], now: dt.datetime) -> list[
 
 #: Bumped in this process whenever a command is queued, so a long-polling wrapper on this API worker wakes at once
 #: (those on other workers find it at their next database check).
-commands_generation = 0
-
-
-def _commands_queued() -> None:
-    global commands_generation
-    commands_generation += 1
+commands = Generation()
 
 
 @retrying
@@ -820,6 +817,8 @@ def reschedule(
             outcome = reschedule_in(conn, row, settings, log_records, source)
             (failed if "detail" in outcome else success)[job_id] = outcome
         add_logging(conn, log_records)
+    if success:
+        taskqueues.changes.bump()
     return {"success": success, "failed": failed}
 
 

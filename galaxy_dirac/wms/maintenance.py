@@ -82,6 +82,8 @@ def handle_stalled(engine: Engine, settings: Settings, now: dt.datetime | None =
                 _move(conn, row, states.FAILED, minor, now, records, EndExecTime=now)
             done.append(row.JobID)
         jobs.add_logging(conn, records)
+    if done:
+        taskqueues.changes.bump()
     return done
 
 
@@ -97,6 +99,8 @@ def reschedule_stuck_matched(engine: Engine, settings: Settings, now: dt.datetim
             jobs.reschedule_in(conn, row, settings, records, "StalledJobAgent (matched too long)")
             done.append(row.JobID)
         jobs.add_logging(conn, records)
+    if done:
+        taskqueues.changes.bump()
     return done
 
 

@@ -175,8 +175,8 @@ def _eligible(engine: Engine, slot: Slot, *, refresh: bool = False) -> _Eligible
     key = _signature(engine, slot)
     now = time.monotonic()
     entry = None if refresh else _eligible_cache.get(key)
-    if entry is None or entry.expires < now or entry.generation != taskqueues.generation:
-        generation = taskqueues.generation  # read before the query: a change during it forces a re-read
+    if entry is None or entry.expires < now or entry.generation != taskqueues.changes.value:
+        generation = taskqueues.changes.value  # read before the query: a change during it forces a re-read
         queues = eligible_queues(engine, slot)
         entry = _Eligible(queues, now + (ELIGIBLE_TTL if queues else NOTHING_TTL), generation)
         with _cache_lock:

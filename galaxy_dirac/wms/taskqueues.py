@@ -16,6 +16,7 @@ from sqlalchemy import Connection, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import TQ_MULTI_VALUED, TaskQueues, TQJobs
+from .signals import Generation
 
 #: DIRAC's CPU-time segments in seconds (6 min … 12.5 days); a job's CPUTime is rounded up to one of them so that
 #: jobs with nearly equal requests share a queue.
@@ -38,9 +39,9 @@ CPU_SEGMENTS = (
 #: DIRAC caps a task queue at this many jobs; a fuller queue gets a sibling with the same key.
 MAX_JOBS_IN_TQ = 5000
 
-#: Bumped whenever this process creates a task queue or queues jobs, so cached eligibility (matcher) is re-read at
-#: once here and waiting long-poll matches wake up.
-generation = 0
+#: Bumped whenever this process creates a task queue, and once jobs it queued are committed, so cached eligibility
+#: (matcher) is re-read at once here and waiting long-poll matches wake up and find them.
+changes = Generation()
 
 
 def fit_cpu_time(cpu_time: int) -> int:
@@ -129,8 +130,7 @@ def find_or_create(conn: Connection, key: TQKey, shares: Mapping[str, float], *,
             tq_id = _create(conn, key, slot_digest)
             if tq_id is None:
                 continue  # another submitter created it first; read it on the next turn
-            global generation
-            generation += 1
+            changes.bump()
             if recalculate:
                 recalculate_priorities(conn, shares, groups=[key.OwnerGroup])
             return tq_id
@@ -165,9 +165,7 @@ def _create(conn: Connection, key: TQKey, digest: str) -> int | None:
 
 
 def insert_jobs(conn: Connection, rows: Iterable[tuple[int, int, int]]) -> None:
-    """Queue jobs as (TQId, JobId, Priority)."""
-    global generation
-    generation += 1
+    """Queue jobs as (TQId, JobId, Priority); the caller bumps :data:`changes` once its transaction commits."""
     conn.execute(
         insert(TQJobs),
         [{"TQId": tq, "JobId": job, "Priority": prio, "RealPriority": float(prio)} for tq, job, prio in rows],

@@ -1,0 +1,38 @@
+"""The long polls' wake-up: a bump from any thread wakes a waiting coroutine at once; nothing polls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from galaxy_dirac.wms.signals import Generation
+
+
+def test_a_bump_from_another_thread_wakes_the_waiter_at_once() -> None:
+    changes = Generation()
+
+    async def wait() -> float:
+        started = time.monotonic()
+        threading.Timer(0.2, changes.bump).start()
+        await changes.wait_past(changes.value, 30)
+        return time.monotonic() - started
+
+    waited = asyncio.run(wait())
+    assert 0.15 < waited < 10, waited  # woken by the bump, long before the 30 s timeout
+    assert changes.value == 1 and not changes._waiters
+
+
+def test_a_missed_bump_returns_at_once_and_a_quiet_one_times_out() -> None:
+    changes = Generation()
+    seen = changes.value
+    changes.bump()
+
+    async def both() -> None:
+        await asyncio.wait_for(changes.wait_past(seen, 30), 5)  # already moved on
+        started = time.monotonic()
+        await changes.wait_past(changes.value, 0.2)
+        assert time.monotonic() - started >= 0.19
+
+    asyncio.run(both())
+    assert not changes._waiters
