@@ -5,6 +5,7 @@ matcher, pilots, sandbox_metadata or taskqueues. Errors carry ``{"detail": ...}`
 that fails writes nothing.
 """
 
+import asyncio
 import datetime as dt
 import fcntl
 import logging
@@ -255,9 +256,16 @@ def create_app(settings: Settings) -> FastAPI:
         worker = _maintenance_leader(ctx)
         if worker is not None:
             worker.start()
+        # Jobs queued and Kills sent by the other API workers of this host wake this one's long polls too.
+        watchers = []
+        for name, signal in (("taskqueues", taskqueues.changes), ("commands", jobs.commands)):
+            signal.share(os.path.join(ctx.settings.sandbox_dir, f".{name}.changed"))
+            watchers.append(asyncio.create_task(signal.watch()))
         try:
             yield
         finally:
+            for task in watchers:
+                task.cancel()
             if worker is not None:
                 worker.stop()
             ctx.engine.dispose()
@@ -776,16 +784,11 @@ def _bearer(ctx: Context) -> Any:
     return dependency
 
 
-#: A long-polling match re-reads the database this often, for jobs queued by other API workers; jobs queued by this
-#: process wake it at once.
-RECHECK_INTERVAL = 0.5
-
-
-#: A wrapper's long poll for its job's commands re-reads the database this often (Kill from another API worker).
-COMMANDS_RECHECK_INTERVAL = 1.0
-
-
-
+#: A long-polling match re-reads the database this often: jobs queued by this worker wake it at once, those of the
+#: other workers of this host within a quarter second (signals.Generation.watch); this covers other hosts.
+RECHECK_INTERVAL = 5.0
+#: The same for a wrapper's long poll for its job's commands (a Kill sent through another host's worker).
+COMMANDS_RECHECK_INTERVAL = 5.0
 
 
 def _principal_data(caller: Principal) -> dict[str, Any]:

@@ -2,14 +2,19 @@
 
 Long polls (a pilot's match, a wrapper's command poll) must wake when this API worker queues a job or a Kill, and
 must cost nothing while they wait: a thousand idle pilots polling a counter every 20 ms are 50,000 wake-ups a second.
-The database is still re-read now and then for what other workers did; this only covers this process.
+API workers on one host share a marker file (:meth:`Generation.share`): a bump touches it and each worker's
+:meth:`Generation.watch` task, one ``stat`` every quarter second whatever the number of waiters, wakes its own
+waiters. Workers on other hosts are covered by the long polls' occasional database re-read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
-from typing import List, Tuple
+import time
+from typing import List, Optional, Tuple
 
 
 class Generation:
@@ -19,8 +24,29 @@ class Generation:
         self.value = 0
         self._lock = threading.Lock()
         self._waiters: List[Tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._marker: Optional[str] = None
+
+    def share(self, marker: str) -> None:
+        """Tell the other workers of this host through ``marker`` (a file beside the server's data)."""
+        self._marker = marker
+        _touch(marker)
 
     def bump(self) -> None:
+        self._wake()
+        if self._marker:
+            _touch(self._marker)
+
+    async def watch(self, interval: float = 0.25) -> None:
+        """Wake this process's waiters when another worker bumps (the marker changes); runs until cancelled."""
+        last = _mtime(self._marker)
+        while True:
+            await asyncio.sleep(interval)
+            now = _mtime(self._marker)
+            if now != last:
+                last = now
+                self._wake()
+
+    def _wake(self) -> None:
         with self._lock:
             self.value += 1
             waiters, self._waiters = self._waiters, []
@@ -45,6 +71,22 @@ class Generation:
             with self._lock:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+
+
+def _touch(path: str) -> None:
+    """Set the marker's mtime to now in nanoseconds, given explicitly: the file system's own clock is coarse (a
+    jiffy), and two bumps in one tick must still read as a change."""
+    with contextlib.suppress(OSError):
+        with open(path, "a"):
+            stamp = time.time_ns()
+            os.utime(path, ns=(stamp, stamp))
+
+
+def _mtime(path: Optional[str]) -> int:
+    try:
+        return os.stat(path).st_mtime_ns if path else 0
+    except OSError:
+        return 0
 
 
 def _wake(future: asyncio.Future) -> None:

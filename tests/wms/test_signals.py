@@ -36,3 +36,21 @@ def test_a_missed_bump_returns_at_once_and_a_quiet_one_times_out() -> None:
 
     asyncio.run(both())
     assert not changes._waiters
+
+
+def test_a_bump_in_another_process_wakes_this_ones_waiters_through_the_marker(tmp_path) -> None:  # noqa: ANN001
+    marker = str(tmp_path / ".changed")
+    here, there = Generation(), Generation()  # two API workers of one host
+    here.share(marker)
+    there.share(marker)
+
+    async def wait() -> float:
+        watcher = asyncio.create_task(here.watch(interval=0.05))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        threading.Timer(0.2, there.bump).start()
+        await here.wait_past(here.value, 30)
+        watcher.cancel()
+        return time.monotonic() - started
+
+    assert asyncio.run(wait()) < 10
