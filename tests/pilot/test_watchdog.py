@@ -127,7 +127,7 @@ def test_heartbeats_report_usage_and_obey_kill(file_server, tmp_path):
     process = spawn("sleep", "30")
     client = Client(file_server.url, "job-token", backoff=Backoff(0.01, 0.02))
     started = time.monotonic()
-    watchdog = run_watchdog(process, tmp_path, client=client, interval=0.5)
+    watchdog = run_watchdog(process, tmp_path, client=client, interval=0.5, command_wait=0)  # heartbeats only
     assert watchdog.reason == "Kill"
     assert time.monotonic() - started < 3
     assert file_server.requests[0].method == "PATCH" and file_server.requests[0].path == "/api/jobs/heartbeat"
@@ -183,3 +183,39 @@ def test_final_heartbeat_reports_the_payloads_totals(file_server, tmp_path):
     final = beats[-1]
     assert final["MemoryUsed"] > 50, final  # the peak, not the (gone) process's last sample
     assert final["CPUConsumed"] > 0.5 and final["WallClockTime"] >= 1.4, final
+
+
+def test_a_kill_arrives_by_the_command_poll_between_heartbeats(file_server, tmp_path):
+    """The heartbeat is a minute away; the long poll for the job's commands brings the Kill."""
+    polls = []
+
+    def app(request):
+        if request.method == "GET" and request.path == "/api/x-embedded/jobs/5/commands":
+            polls.append(request.query)
+            return json_reply([{"job_id": 5, "command": "Kill", "arguments": ""}] if len(polls) >= 2 else [])
+        return json_reply([])
+
+    file_server.app = app
+    process = spawn("sleep", "30")
+    client = Client(file_server.url, "job-token", backoff=Backoff(0.01, 0.02))
+    watchdog = run_watchdog(process, tmp_path, client=client, interval=60, command_wait=0.2)
+    assert watchdog.reason == "Kill"
+    assert polls[0] == {"wait": ["0.2"]}
+    assert sum(1 for r in file_server.requests if r.method == "PATCH") == 1  # only the first heartbeat went
+
+
+def test_a_server_without_the_command_poll_leaves_kills_to_heartbeats(file_server, tmp_path):
+    seen = []
+
+    def app(request):
+        seen.append((request.method, request.path))
+        if request.method == "GET":
+            return json_reply({"detail": "Not Found"}, status=404)
+        return json_reply([{"job_id": 5, "command": "Kill", "arguments": ""}] if len(seen) >= 3 else [])
+
+    file_server.app = app
+    process = spawn("sleep", "30")
+    client = Client(file_server.url, "job-token", backoff=Backoff(0.01, 0.02))
+    watchdog = run_watchdog(process, tmp_path, client=client, interval=0.3, command_wait=5)
+    assert watchdog.reason == "Kill"
+    assert [m for m, _ in seen].count("GET") == 1  # asked once, then left it to the heartbeats
