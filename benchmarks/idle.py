@@ -12,6 +12,7 @@ under the polling baseline and a few percent of a core for hundreds of pilots.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -45,10 +46,8 @@ def measure(server: WMSServer, token: str, pilots: int, seconds: float, wait: fl
         session = requests.Session()
         session.headers["Authorization"] = f"Bearer {token}"
         while not stop.is_set():
-            try:
+            with contextlib.suppress(requests.RequestException):
                 session.post(f"{server.url}/api/x-embedded/match", params={"wait": wait}, json=SLOT, timeout=wait + 30)
-            except requests.RequestException:
-                pass
             stop.wait(pause)
 
     threads = [threading.Thread(target=pilot, daemon=True) for _ in range(pilots)]
