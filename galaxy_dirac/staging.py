@@ -486,8 +486,6 @@ def _extraction_cap(spec: JobSpec) -> int:
     return min(caps) if caps else DEFAULT_MAX_TOTAL_BYTES
 
 
-
-
 def transport(name: str) -> Transport:
     try:
         return TRANSPORTS[name]
@@ -502,7 +500,7 @@ def build_bundle(spec: JobSpec) -> Bundle:
     work = os.path.abspath(spec.working_directory)
     skip = {BUNDLE_DIR, BUNDLE_ARCHIVE, RESULTS_DIR, STATE_FILE, ATTEMPTS_DIR}
     texts = _texts(work, skip)  # what the job script, tool script and config files name
-    references = referenced_files(spec.reference_dirs, texts)
+    references = referenced_files(spec.reference_dirs, list(texts.values()))
     mapper = PathMapper(spec, reference_dirs=list(references))
     root = os.path.join(work, BUNDLE_DIR)
     shutil.rmtree(root, ignore_errors=True)
@@ -510,10 +508,10 @@ def build_bundle(spec: JobSpec) -> Bundle:
     rewrite: List[str] = []
 
     # Galaxy's working directory, rewritten.
-    _copy_tree(work, os.path.join(root, "work"), mapper, rewrite, "work", skip)
+    _copy_tree(work, os.path.join(root, "work"), mapper, rewrite, "work", skip, texts=texts)
     tool_rel = mapper.dirs.get(os.path.abspath(spec.tool_dir)) if spec.tool_dir else None
     if tool_rel:
-        only = tool_files(str(spec.tool_dir), texts)
+        only = tool_files(str(spec.tool_dir), list(texts.values()))
         _copy_tree(str(spec.tool_dir), os.path.join(root, tool_rel), mapper, rewrite, tool_rel, set(), only=only)
 
     config: Dict[str, list] = {"inputs": [], "outputs": []}
@@ -607,8 +605,11 @@ def _copy_tree(
     skip: set,
     *,
     only: Optional[List[str]] = None,
+    texts: Optional[Dict[str, str]] = None,
 ) -> None:
-    """Copy ``src`` to ``dest`` rewriting Galaxy paths in text files; ``only`` limits it to those relative files."""
+    """Copy ``src`` to ``dest`` rewriting Galaxy paths in text files; ``only`` limits it to those relative files.
+
+    ``texts`` are the text files of ``src`` already read (:func:`_texts`), so the job directory is read once."""
     wanted = set(only) if only is not None else None
     for dirpath, dirs, files in os.walk(src):
         rel_dir = os.path.relpath(dirpath, src)
@@ -629,36 +630,39 @@ def _copy_tree(
             os.makedirs(target_dir, exist_ok=True)
             target = os.path.join(target_dir, name)
             rel = "/".join(p for p in (rel_root, rel_file) if p)
-            if os.path.getsize(source) <= MAX_REWRITE_BYTES:
-                with open(source, "rb") as stream:
-                    data = stream.read()
-                if b"\0" not in data:
-                    text = data.decode("utf-8", errors="surrogateescape")
-                    new = mapper.rewrite(text)
-                    if new != text:
-                        with open(target, "wb") as out:
-                            out.write(new.encode("utf-8", errors="surrogateescape"))
-                        shutil.copymode(source, target)
-                        rewrite.append(rel)
-                        continue
+            text = texts.get(source) if texts is not None else _read_text(source)
+            if text is not None:
+                new = mapper.rewrite(text)
+                if new != text:
+                    with open(target, "wb") as out:
+                        out.write(new.encode("utf-8", errors="surrogateescape"))
+                    shutil.copymode(source, target)
+                    rewrite.append(rel)
+                    continue
             shutil.copy2(source, target)
 
 
-def _texts(root: str, skip: set) -> List[str]:
-    """The text files under ``root`` (the job's working directory) that the bundle would rewrite."""
-    texts = []
+def _read_text(path: str) -> Optional[str]:
+    """A file's text if the bundle rewrites it (a regular file, not too big, no NUL byte), else None."""
+    if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) > MAX_REWRITE_BYTES:
+        return None
+    with open(path, "rb") as stream:
+        data = stream.read()
+    return None if b"\0" in data else data.decode("utf-8", errors="surrogateescape")
+
+
+def _texts(root: str, skip: set) -> Dict[str, str]:
+    """Path → text of the files under ``root`` (the job's working directory) that the bundle rewrites."""
+    texts = {}
     for dirpath, dirs, files in os.walk(root):
         if dirpath == root:
             dirs[:] = [d for d in dirs if d not in skip]
             files = [f for f in files if f not in skip]
         for name in files:
             path = os.path.join(dirpath, name)
-            if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) > MAX_REWRITE_BYTES:
-                continue
-            with open(path, "rb") as stream:
-                data = stream.read()
-            if b"\0" not in data:
-                texts.append(data.decode("utf-8", errors="surrogateescape"))
+            text = _read_text(path)
+            if text is not None:
+                texts[path] = text
     return texts
 
 
