@@ -11,12 +11,15 @@ said ``done`` first. Standard library only: it ships in the pilot zipapp.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from typing import IO, List, Optional, Sequence
 
-from galaxy_dirac.pilot.watchdog import _read_stat, kill_tree, process_tree
+from galaxy_dirac.pilot.watchdog import _read_stat, kill_tree
 
 DONE = b"done\n"
 
@@ -38,13 +41,29 @@ def guard(pid: int, grace: float, pipe: IO[bytes]) -> bool:
         said = (said + chunk)[-len(DONE) :]
     if said == DONE:
         return False
-    if started is None or _start_time(pid) != started:
-        # The payload itself is gone (its PID may even be someone else's now): its session's strays remain.
-        members = [p for p in process_tree(pid) if p != pid]
-        if not members:
-            return False
-    kill_tree(pid, grace, lambda: _start_time(pid) == started)
-    return True
+    if started is not None and _start_time(pid) == started:
+        kill_tree(pid, grace, lambda: _start_time(pid) == started)
+        return True
+    # The payload itself is gone and its PID may be someone else's now: neither that PID's process group nor its
+    # children are the payload's, only the processes still in the payload's session.
+    strays = [p for p in _session(pid) if p != pid]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for stray in strays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(stray, sig)
+        if sig == signal.SIGTERM and strays:
+            time.sleep(grace)
+    return bool(strays)
+
+
+def _session(sid: int) -> List[int]:
+    """PIDs of the processes in session ``sid`` (``/proc/<pid>/stat`` field 6)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        fields = _read_stat(int(entry)) if entry.isdigit() else None
+        if fields is not None and len(fields) > 3 and int(fields[3]) == sid:
+            members.append(int(entry))
+    return members
 
 
 def start(pid: int, grace: float) -> Guard:

@@ -49,3 +49,20 @@ def test_a_released_guard_kills_nothing() -> None:
         os.killpg(payload.pid, signal.SIGKILL)
         os.kill(stray, signal.SIGKILL)
         payload.wait()
+
+
+def test_a_payload_that_already_ended_leaves_only_its_session_strays_to_kill() -> None:
+    """The payload's PID may belong to someone else by now: only processes still in its session are killed."""
+    payload = subprocess.Popen(["/bin/sh", "-c", "sleep 120 & echo $!"], stdout=subprocess.PIPE, start_new_session=True)
+    stray = int(payload.stdout.readline())
+    handle = guard.start(payload.pid, grace=0.5)
+    try:
+        payload.wait()  # gone and reaped; its background child stays in its session
+        assert live([stray])
+        os.close(handle._fd)
+        handle._fd = None
+        wait_for(lambda: not live([stray]), 10, "the guard to kill the stray")
+        assert handle.process.wait(10) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stray, signal.SIGKILL)
