@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, AsyncIterator, Dict, List, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, AsyncIterator, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 import orjson
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, Response
@@ -36,6 +36,7 @@ from .sandboxes import (
     make_ticket,
     read_ticket,
 )
+from .signals import Generation
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def create_app(settings: Settings) -> FastAPI:
             worker.start()
         # Jobs queued and Kills sent by the other API workers of this host wake this one's long polls too.
         watchers = []
-        for name, signal in (("taskqueues", taskqueues.changes), ("commands", jobs.commands)):
+        for name, signal in (("taskqueues", taskqueues.changes), ("commands", jobs.commands_queued)):
             signal.share(os.path.join(ctx.settings.sandbox_dir, f".{name}.changed"))
             watchers.append(asyncio.create_task(signal.watch()))
         try:
@@ -517,14 +518,10 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
         """The job's pending commands (Kill), once; with ``wait``, held until one comes (a kill in about a second
         instead of at the next heartbeat). Heartbeats still deliver them where a server lacks this route."""
         caller.require("job", "admin")
-        deadline = time.monotonic() + wait
-        while True:
-            seen = jobs.commands.value
-            commands = await run_in_threadpool(jobs.take_commands, engine, job_id, caller)
-            if commands or time.monotonic() >= deadline:
-                return json_response(commands)
-            until = min(deadline, time.monotonic() + COMMANDS_RECHECK_INTERVAL)
-            await jobs.commands.wait_past(seen, until - time.monotonic())
+        commands = await _long_poll(
+            jobs.commands_queued, COMMANDS_RECHECK_INTERVAL, wait, lambda: jobs.take_commands(engine, job_id, caller)
+        )
+        return json_response(commands or [])
 
     @app.post("/api/x-embedded/match", tags=["pilots"])
     async def match(caller: Caller, body: SlotDescription, wait: Annotated[float, Query(ge=0, le=120)] = 0) -> Response:
@@ -544,16 +541,11 @@ def _install_routes(app: FastAPI, ctx: Context) -> None:
             owner_groups=body.OwnerGroup,
         )
         pilot_id = await run_in_threadpool(pilots.pilot_id_for, engine, body.PilotStamp) if body.PilotStamp else None
-        deadline = time.monotonic() + wait
-        while True:
-            seen = taskqueues.changes.value
-            row = await run_in_threadpool(matcher.match_job, engine, slot, pilot_id=pilot_id)
-            if row is not None:
-                break
-            if time.monotonic() >= deadline:
-                return Response(status_code=204)
-            until = min(deadline, time.monotonic() + RECHECK_INTERVAL)
-            await taskqueues.changes.wait_past(seen, until - time.monotonic())
+        row = await _long_poll(
+            taskqueues.changes, RECHECK_INTERVAL, wait, lambda: matcher.match_job(engine, slot, pilot_id=pilot_id)
+        )
+        if row is None:
+            return Response(status_code=204)
         job_id, text = row.JobID, row.JDL
         lifetime = settings.job_token_lifetime
         token = create_token(
@@ -789,6 +781,18 @@ def _bearer(ctx: Context) -> Any:
 RECHECK_INTERVAL = 5.0
 #: The same for a wrapper's long poll for its job's commands (a Kill sent through another host's worker).
 COMMANDS_RECHECK_INTERVAL = 5.0
+
+
+async def _long_poll(changes: Generation, recheck: float, wait: float, attempt: Callable[[], Any]) -> Any:
+    """``attempt()`` (blocking, in the thread pool) until it answers something (not None, not empty) or ``wait``
+    seconds pass; between tries, sleep until ``changes`` moves on or ``recheck`` seconds pass."""
+    deadline = time.monotonic() + wait
+    while True:
+        seen = changes.value
+        answer = await run_in_threadpool(attempt)
+        if (answer is not None and answer != []) or time.monotonic() >= deadline:
+            return answer
+        await changes.wait_past(seen, min(deadline, time.monotonic() + recheck) - time.monotonic())
 
 
 def _principal_data(caller: Principal) -> dict[str, Any]:

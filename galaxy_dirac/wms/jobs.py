@@ -576,7 +576,7 @@ def set_statuses(
                 success[job_id] = {k: v for k, v in outcome.items() if k != "applied"}
         add_logging(conn, log_records)
     if any(record[1] == states.KILLED for record in log_records):
-        commands.bump()  # after the commit, so a woken long poll finds the Kill
+        commands_queued.bump()  # after the commit, so a woken long poll finds the Kill
     if not success and failed and all(isinstance(refused.get(j), NotFound) for j in failed):
         raise NotFound(failed)  # none of the jobs exists: 404, with each job's reason
     return {"success": success, "failed": failed}
@@ -769,7 +769,7 @@ def _hand_out_commands(conn: Any, ids: Sequence[int], now: dt.datetime) -> list[
 
 #: Bumped in this process whenever a command is queued, so a long-polling wrapper on this API worker wakes at once
 #: (those on other workers find it at their next database check).
-commands = Generation()
+commands_queued = Generation()
 
 
 @retrying
