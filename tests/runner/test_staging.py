@@ -350,7 +350,9 @@ def test_reference_data_and_output_extra_files_travel_by_sandbox(tmp_path: Path)
 
 
 class _JobFilesApi:
-    """Galaxy's job files API as the payload uses it (GET ?path=, multipart POST path + file), on 127.0.0.1."""
+    """A double of Galaxy's job files API (GET ?path=, multipart POST path + file) on 127.0.0.1, for unit tests of
+    the payload's pushes that need two runs of one job; real Galaxy serves the same pushes in test_galaxy and the
+    tool-compatibility suite."""
 
     def __init__(self) -> None:
         self.pushed: List[str] = []

@@ -131,6 +131,7 @@ def test_a_database_outage_is_503_with_retry_after_and_heals(tmp_path: Path, kin
                     ("POST", "/api/jobs/search", {}, runner),
                     ("POST", "/api/jobs/jdl", [jdl_text()], runner),
                     ("POST", "/api/x-embedded/match", {"Site": "x"}, bearer(key, "pilot", "pilot")),
+                    ("GET", "/api/x-embedded/jobs/1/commands", None, bearer(key, "admin", "admin")),
                     ("GET", "/api/x-embedded/health", None, {}),
                 ]:
                     response = client.request(method, path, headers=headers, json=body)

@@ -719,7 +719,8 @@ def test_a_waiting_command_poll_returns_the_kill_as_it_is_queued_and_only_to_its
     assert api.call("GET", path, job).json() == []  # nothing pending: an immediate empty answer
     assert api.call("GET", path, tokens[other]).status_code in (403, 404)  # another job's token
     assert api.call("GET", f"/api/x-embedded/jobs/{other}/commands", api.headers()).status_code == 403  # a runner
-    assert api.call("GET", path, job, params={"wait": 1000}).status_code == 422
+    for wait in ("1000", "nan", "inf", "-1", "x"):
+        assert api.call("GET", path, job, params={"wait": wait}).status_code == 422, wait
 
     with ThreadPoolExecutor(1) as pool:
         poll = pool.submit(api.call, "GET", path, job, params={"wait": 60})
@@ -729,6 +730,16 @@ def test_a_waiting_command_poll_returns_the_kill_as_it_is_queued_and_only_to_its
         answer = poll.result(timeout=30)  # well before the 60 s the poll may wait
     assert [(c["job_id"], c["command"]) for c in answer.json()] == [(job_id, "Kill")]
     assert api.heartbeat(job, job_id, CPUConsumed=1.0).json() == []  # handed out once, not again by heartbeat
+
+
+def test_the_command_poll_refuses_a_job_token_from_before_a_reschedule(api: Api) -> None:
+    [job_id] = api.submit()
+    matched, stale = api.match_token()
+    assert matched == job_id
+    api.status(stale, job_id, Status="Running", MinorStatus="Application", Source="JobWrapper")
+    assert api.reschedule(api.headers(), job_id).status_code == 200
+    refused = api.call("GET", f"/api/x-embedded/jobs/{job_id}/commands", stale, params={"wait": 5})
+    assert refused.status_code in (403, 404), refused.text
 
 
 def test_killing_waiting_jobs_removes_them_from_the_demand(api: Api) -> None:
