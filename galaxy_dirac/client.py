@@ -24,7 +24,7 @@ import io
 import os
 import random
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import requests
 
@@ -340,6 +340,25 @@ class WMSClient:
             for row in rows:
                 found[int(row["JobID"])] = row
         return found
+
+    def wait_for_updates(self, cursor: Optional[str], wait: float) -> Optional[Tuple[List[int], str]]:
+        """Block until one of our jobs changes status after ``cursor`` (at most ``wait`` s); returns (job ids, next
+        cursor), or ``None`` where the server has no such long poll (a real DiracX): then poll on a timer."""
+        params: Dict[str, Any] = {"wait": f"{wait:g}"}
+        if cursor:
+            params["since"] = cursor
+        try:
+            response = self.request(
+                "GET", "api/x-embedded/jobs/updates", params=params, expect=(200, 404), timeout=wait + self.timeout
+            )
+        except WMSError as exc:
+            if exc.status in (401, 403, 405):
+                return None
+            raise
+        if response.status_code == 404:
+            return None
+        answer = response.json()
+        return [int(i) for i in answer.get("JobIDs", [])], str(answer.get("Cursor") or cursor or "")
 
     def set_status(self, updates: Mapping[int, Mapping[str, Any]], force: bool = False) -> Dict[str, Any]:
         """``{job_id: {"Status"?, "MinorStatus"?, "ApplicationStatus"?, "Source"?}}``, stamped now (timezone-aware)."""

@@ -86,7 +86,8 @@ GALAXY_PARAMETERS = frozenset(
 GALAXY_PREFIXES = ("docker_", "singularity_", "apptainer_", "tpv_", "k8s_", "pulsar_", "galaxy_")
 
 
-def _split(value: Any) -> List[str]:
+def split_list(value: Any) -> List[str]:
+    """A list parameter as Galaxy gives it: a YAML list, or one comma-separated string (XML job_conf)."""
     if value is None or value == "":
         return []
     if isinstance(value, (list, tuple)):
@@ -117,7 +118,7 @@ class DiracDestination(BaseModel):
     @field_validator("site", "banned_sites", "tags", "reference_data_paths", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> List[str]:
-        return _split(value)
+        return split_list(value)
 
     @field_validator("processors", "memory", "cpu_time", mode="before")
     @classmethod

@@ -7,7 +7,7 @@ expressions. DIRAC itself is lenient (a bare ``Site = LCG.CERN.cern;`` is a stri
 canonical form that :func:`parse` reads back to the same dict; :func:`validate` checks and normalises a user's job
 description the way DIRAC's job description model does.
 
-Standard library only: this module is also shipped to worker nodes inside the pilot.
+Standard library only: the runner, the scheduler and the tests share it without pulling in the server's dependencies.
 """
 
 from __future__ import annotations
@@ -583,6 +583,17 @@ def render(attrs: Mapping[str, object]) -> str:
 def dumps_value(value: object) -> str:
     """One value in JDL syntax, on one line (a nested ClassAd as ``[A = 1; B = "x"]``)."""
     return _dump(None, value, 1)
+
+
+def to_jsonable(value: object) -> object:
+    """A parsed JDL value as plain JSON types (expressions and other str subclasses become ``str``)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    return str(value)
 
 
 def lookup(attrs: Mapping[str, object], name: str, default: object = None) -> object:

@@ -46,7 +46,7 @@ from galaxy_dirac import containers, job_metrics, staging, states
 from galaxy_dirac import jdl as jdl_mod
 from galaxy_dirac.client import LoginExpired, WMSClient, WMSError
 from galaxy_dirac.credentials import CREDENTIALS_ENV, default_credentials_file
-from galaxy_dirac.destination import DiracDestination, warn_unknown
+from galaxy_dirac.destination import DiracDestination, split_list, warn_unknown
 from galaxy_dirac.times import parse_time
 
 log = logging.getLogger(__name__)
@@ -86,14 +86,6 @@ def _megabytes(value: Any) -> Optional[int]:
     return int(float(value) * 1_000_000)
 
 
-def _list(value: Any) -> List[str]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value if str(v)]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
-
-
 class DiracJobState(AsynchronousJobState):
     def __init__(self, job_wrapper: Any, job_destination: Any, dirac_id: Optional[str] = None) -> None:
         super().__init__(job_wrapper, job_destination, files_dir=job_wrapper.working_directory, job_id=dirac_id)
@@ -131,6 +123,9 @@ class DiracJobRunner(AsynchronousJobRunner):
             ),
             galaxy_url=dict(map=str, default=_env("GALAXY_DIRAC_GALAXY_URL")),
             status_batch_size=dict(map=int, valid=lambda x: int(x) > 0, default=500),
+            # The embedded scheduler holds a request until one of our jobs changes status: the monitor waits on it
+            # (at most this many seconds) instead of sleeping job_runner_monitor_sleep. 0: always sleep.
+            updates_wait=dict(map=float, valid=lambda x: 0 <= float(x) <= 120, default=5.0),
             transport=dict(map=str, valid=lambda x: x in staging.TRANSPORTS, default="galaxy"),
             verify_ssl=dict(map=lambda x: str(x).lower() not in ("false", "0", "no"), default=True),
             job_name_prefix=dict(map=str, default="galaxy"),
@@ -165,6 +160,8 @@ class DiracJobRunner(AsynchronousJobRunner):
         self._awaiting_lock = threading.Lock()
         self._login_logged_at = -float("inf")
         self._table_folders: Tuple[float, List[str]] = (-float("inf"), [])
+        self._long_poll = self.runner_params["updates_wait"] > 0
+        self._updates_cursor: Optional[str] = None
 
     # -- submission ---------------------------------------------------------------------------------------------------
 
@@ -224,7 +221,7 @@ class DiracJobRunner(AsynchronousJobRunner):
         if mode == "node":
             return []
         folders = [getattr(self.app.config, name, None) for name in GALAXY_REFERENCE_FOLDERS]
-        folders += dest.reference_data_paths or _list(self.runner_params["reference_data_paths"])
+        folders += dest.reference_data_paths or split_list(self.runner_params["reference_data_paths"])
         found = [os.path.abspath(str(f)) for f in folders if f and os.path.isdir(str(f))]
         return [f for f in dict.fromkeys(found + self._data_table_folders()) if f != "/"]
 
@@ -358,8 +355,36 @@ class DiracJobRunner(AsynchronousJobRunner):
 
     # -- monitoring ---------------------------------------------------------------------------------------------------
 
+    @property
+    def monitor_sleep_time(self) -> float:
+        """No fixed pause while the scheduler can tell us of changes: :meth:`_wait_for_updates` is the pause."""
+        return 0.0 if self._long_poll else float(self.app.config.job_runner_monitor_sleep)
+
+    def _wait_for_updates(self) -> None:
+        """Pause until one of our jobs changes status (Done reaches Galaxy when it happens, not a cycle later), at
+        most ``updates_wait`` seconds; where the scheduler has no such long poll, fall back to Galaxy's sleep."""
+        if not self._long_poll:
+            return
+        try:
+            answer = self.client.wait_for_updates(self._updates_cursor, self.runner_params["updates_wait"])
+        except Exception as exc:  # noqa: BLE001 - unreachable or logged out: pause as Galaxy would, try again
+            log.debug("waiting for DIRAC job updates failed: %s", exc)
+            time.sleep(float(self.app.config.job_runner_monitor_sleep))
+            return
+        if answer is None:
+            log.info("the DIRAC scheduler has no job-updates long poll; polling every %ss", self.monitor_sleep_time)
+            self._long_poll = False
+            return
+        self._updates_cursor = answer[1]
+
     def check_watched_items(self) -> None:
-        """One search for every watched job (in batches of status_batch_size), then act on each."""
+        """One search for every watched job (in batches of status_batch_size), act on each, then wait for news."""
+        try:
+            self._check_watched_items()
+        finally:
+            self._wait_for_updates()
+
+    def _check_watched_items(self) -> None:
         self._retry_awaiting_login()
         if not self.watched:
             return
@@ -592,7 +617,7 @@ def _needs(attrs: Dict[str, Any]) -> str:
     """What a slot must offer to match a JDL, in words (site, tags, cores, memory)."""
     parts = []
     for name, label in (("Site", "site"), ("Tags", "tags")):
-        values = _list(jdl_mod.lookup(attrs, name))
+        values = split_list(jdl_mod.lookup(attrs, name))
         if values:
             parts.append(f"{label} {', '.join(values)}")
     processors = jdl_mod.lookup(attrs, "NumberOfProcessors")
@@ -610,5 +635,3 @@ def _payload_failure(stderr: str) -> Optional[str]:
         if line.startswith("galaxy-dirac: "):
             return line[len("galaxy-dirac: ") :]
     return None
-
-

@@ -3,7 +3,8 @@
 Tokens are HS256 JWTs signed with the scheduler's secret. The claims mirror DiracX's access tokens (``sub``, ``vo``,
 ``dirac_group``, ``preferred_username``) so the same client code reads both, plus ``role`` and, for job tokens,
 ``job_id`` and ``run`` (the job's reschedule counter when it was matched): a pilot that lost its job to a reschedule
-can no longer change it.
+can no longer change it. Pilot tokens the SiteDirector asks for carry ``pilot_stamp`` and ``pilot_site``: that pilot
+acts for itself only, at its own site.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import jwt
 
 from .errors import AuthError, Forbidden, Unauthorized  # noqa: F401 - AuthError: the base both are caught as
 
-ROLES = ("admin", "runner", "reader", "pilot", "job")
+ROLES = ("admin", "runner", "reader", "director", "pilot", "job")
 ALGORITHM = "HS256"
 ISSUER = "galaxy-dirac-wms"
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +32,16 @@ class Principal:
     job_id: int | None = None
     run: int | None = None
     pilot_stamp: str | None = None
+    pilot_site: str | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def is_one_pilot(self) -> bool:
+        """A pilot token minted for one pilot (stamp), as opposed to a site-wide pilot token."""
+        return self.role == "pilot" and bool(self.pilot_stamp)
 
     def require(self, *roles: str) -> None:
         """Refuse unless the role is among ``roles`` (the rule lives in policy.py)."""
@@ -60,6 +66,7 @@ def create_token(
     job_id: int | None = None,
     run: int | None = None,
     pilot_stamp: str | None = None,
+    pilot_site: str | None = None,
 ) -> str:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
@@ -82,7 +89,19 @@ def create_token(
         claims["run"] = int(run or 0)
     if pilot_stamp:
         claims["pilot_stamp"] = pilot_stamp
+    if pilot_site:
+        claims["pilot_site"] = pilot_site
     return jwt.encode(claims, key, algorithm=ALGORITHM)
+
+
+def create_pilot_tokens(key: bytes, stamps: list[str], *, site: str, vo: str, lifetime: float) -> dict[str, str]:
+    """One token per pilot the director is about to submit: a node that leaks its token leaks only its own pilot."""
+    return {
+        stamp: create_token(
+            key, role="pilot", owner="pilot", vo=vo, lifetime=lifetime, pilot_stamp=stamp, pilot_site=site
+        )
+        for stamp in stamps
+    }
 
 
 def create_refresh_token(key: bytes, access_token: str, lifetime: float = 30 * 86400.0) -> str:
@@ -142,5 +161,6 @@ def verify_token_with_expiry(key: bytes, token: str) -> tuple[Principal, float]:
         job_id=claims.get("job_id"),
         run=claims.get("run"),
         pilot_stamp=claims.get("pilot_stamp"),
+        pilot_site=claims.get("pilot_site"),
     )
     return principal, float(claims["exp"])

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="mint a token and print it (only the token) on stdout")
     _common(create)
-    create.add_argument("--role", required=True, choices=["admin", "runner", "reader", "pilot"])
+    create.add_argument("--role", required=True, choices=["admin", "runner", "reader", "director", "pilot"])
     create.add_argument("--owner", default="", help="owner name (runner/admin tokens); defaults to the role")
     create.add_argument("--group", default="", help="DIRAC group, e.g. galaxy_user")
     create.add_argument("--vo", help="virtual organisation (defaults to the scheduler's)")
@@ -177,6 +177,9 @@ def serve(settings: Settings) -> int:
         },
     }
     if settings.workers > 1:
+        # Worker processes do not inherit basicConfig: without a root handler their INFO lines (maintenance, lease
+        # changes) would be lost.
+        log_config["root"] = {"handlers": ["default"], "level": settings.log_level.upper()}
         # Workers are separate processes: hand them the resolved settings through the environment.
         for name, value in settings.__dict__.items():
             os.environ[ENV_PREFIX + name.upper()] = json.dumps(value) if isinstance(value, dict) else str(value)

@@ -272,6 +272,22 @@ class JobToPilotMapping(Base):
     __table_args__ = (Index("JobToPilotMapping_JobID", "JobID"),)
 
 
+# --- not in DIRAC ----------------------------------------------------------------------------------------------
+class Leases(Base):
+    """Who runs a singleton loop (the maintenance agents) among every API worker of every host on this database.
+
+    The holder bumps ``Renewals`` each interval; a contender takes the lease when it has seen the same
+    (``Holder``, ``Renewals``) for the lease's duration on its own clock, so hosts' clocks need not agree.
+    ``RenewedTime`` is the holder's UTC clock, for operators. An empty ``Holder`` is a lease given up."""
+
+    __tablename__ = "gd_Leases"
+    Name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    Holder: Mapped[str] = mapped_column(String(255), default="")
+    Renewals: Mapped[int] = mapped_column(Integer, default=0)
+    AcquiredTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    RenewedTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
 # --- engine --------------------------------------------------------------------------------------------------------
 def make_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Engine:
     """Create an engine with what each backend needs for correct concurrent matching.

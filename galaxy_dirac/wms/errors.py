@@ -9,6 +9,7 @@ FastAPI raises, and the errors that come from outside our code (database, disk, 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
@@ -220,10 +221,12 @@ def install_handlers(app: Any) -> None:
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(WMSError, refusal)
-    app.router.route_class = _route_class()
+    app.router.route_class = route_class()
 
 
-def _route_class() -> Any:
+@functools.cache
+def route_class() -> Any:
+    """The APIRoute class every router is made with (``APIRouter(route_class=route_class())``)."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.routing import APIRoute
     from starlette.exceptions import HTTPException as StarletteHTTPException

@@ -32,7 +32,7 @@ from galaxy_dirac.times import format_time, parse_time, to_naive_utc
 
 from .. import jdl, states
 from ..jdl import JDLError
-from . import policy, safe_regex, taskqueues
+from . import pilots, policy, safe_regex, taskqueues
 from .auth import Principal
 from .config import Settings
 from .db import (
@@ -496,9 +496,7 @@ def summary(
 
 
 # --- access checks -------------------------------------------------------------------------------------------------
-def _load_jobs(
-    conn: Any, job_ids: Iterable[int], principal: Principal
-) -> tuple[dict[int, Any], dict[int, WMSError]]:
+def _load_jobs(conn: Any, job_ids: Iterable[int], principal: Principal) -> tuple[dict[int, Any], dict[int, WMSError]]:
     """Rows of the jobs this principal may change, and the typed refusal for each one it may not (policy.py)."""
     ids = sorted(set(job_ids))
     rows = {row.JobID: row for row in conn.execute(select(Jobs).where(Jobs.JobID.in_(ids)))} if ids else {}
@@ -577,6 +575,8 @@ def set_statuses(
         add_logging(conn, log_records)
     if any(record[1] == states.KILLED for record in log_records):
         commands_queued.bump()  # after the commit, so a woken long poll finds the Kill
+    if success:
+        status_changes.bump()
     if not success and failed and all(isinstance(refused.get(j), NotFound) for j in failed):
         raise NotFound(failed)  # none of the jobs exists: 404, with each job's reason
     return {"success": success, "failed": failed}
@@ -767,6 +767,10 @@ def _hand_out_commands(conn: Any, ids: Sequence[int], now: dt.datetime) -> list[
     return [{"job_id": p[1], "command": p[2], "arguments": p[3] or ""} for p in pending]
 
 
+#: Bumped after a commit that changed some job's status, so a runner long-polling for its jobs' updates wakes at
+#: once (other API workers of the host through the marker file, other hosts at the long poll's re-read).
+status_changes = Generation()
+
 #: Bumped in this process whenever a command is queued, so a long-polling wrapper on this API worker wakes at once
 #: (those on other workers find it at their next database check).
 commands_queued = Generation()
@@ -819,6 +823,7 @@ def reschedule(
         add_logging(conn, log_records)
     if success:
         taskqueues.changes.bump()
+        status_changes.bump()
     return {"success": success, "failed": failed}
 
 
@@ -878,6 +883,46 @@ def reschedule_in(conn: Any, row: Any, settings: Settings, log_records: list[Log
 
 
 # --- details ---------------------------------------------------------------------------------------------------------
+#: At most this many job ids in one answer of :func:`updated_since` (the runner reads their statuses in bulk anyway).
+MAX_UPDATED_IDS = 10_000
+
+
+def updated_since(engine: Engine, principal: Principal, since: dt.datetime | None) -> dict[str, Any] | None:
+    """The caller's jobs whose status changed after ``since`` and the cursor to ask with next, or ``None`` when none
+    did (a long poll keeps waiting). Without ``since``: no ids, just the cursor to start from."""
+    policy.require_role(principal, "admin", "runner")
+    owned = [] if principal.is_admin else [Jobs.Owner == principal.owner, Jobs.VO == principal.vo]
+    with read_transaction(engine) as conn:
+        if since is None:
+            latest = conn.execute(select(func.max(Jobs.LastUpdateTime)).where(*owned)).scalar()
+            return {"JobIDs": [], "Cursor": format_time(latest or utcnow())}
+        rows = conn.execute(
+            select(Jobs.JobID, Jobs.LastUpdateTime)
+            .where(*owned, Jobs.LastUpdateTime > to_naive_utc(since))
+            .order_by(Jobs.LastUpdateTime)
+            .limit(MAX_UPDATED_IDS)
+        ).all()
+    if not rows:
+        return None
+    return {"JobIDs": [r.JobID for r in rows], "Cursor": format_time(rows[-1].LastUpdateTime)}
+
+
+def details(engine: Engine, job_id: int, principal: Principal) -> dict[str, Any]:
+    """One job with its JDL, history, parameters and pilots (the runner's error reports; monitoring)."""
+    row = get_job_row(engine, job_id, policy.reading_as(principal))
+    stamps = pilots.stamps_of_job(engine, job_id)
+    return {
+        **{c: _jsonable(getattr(row, c)) for c in JOB_COLUMNS},
+        "JDL": job_jdl(engine, job_id),
+        "History": history(engine, job_id),
+        "Parameters": parameters(engine, job_id),
+        "Pilots": stamps,
+        # Where it ran (CE, queue, pilot reference), as DiracX's pilot search gives a VO's users.
+        "PilotAgents": pilots.list_pilots(engine, stamps=stamps) if stamps else [],
+        "HeartBeat": heartbeat_summary(engine, job_id),
+    }
+
+
 def job_jdl(engine: Engine, job_id: int) -> str:
     with read_transaction(engine) as conn:
         text = conn.execute(select(JobJDLs.JDL).where(JobJDLs.JobID == job_id)).scalar()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import datetime as dt
 import itertools
 import logging
 import random
@@ -23,9 +24,11 @@ from typing import Any, Iterable, Sequence
 
 from sqlalchemy import Engine, and_, bindparam, case, delete, exists, insert, not_, or_, select, update
 
-from .. import states
+from .. import jdl, states
+from ..times import format_time
 from . import jobs as jobs_mod
 from . import taskqueues
+from .auth import create_token
 from .db import (
     JobJDLs,
     Jobs,
@@ -290,3 +293,27 @@ def _take_from_queue(engine: Engine, tq_id: int, slot: Slot, pilot_id: int | Non
                 conn.execute(_MAP, {"pilot": pilot_id, "job": job_id, "now": now})
                 conn.execute(_PILOT_BUSY, {"pilot": pilot_id, "job": job_id, "now": now})
             return Matched(*conn.execute(_JOB_INFO, {"job": job_id}).one())
+
+
+def offer(key: bytes, token_lifetime: float, row: Any, pilot_stamp: str) -> dict[str, Any]:
+    """What a pilot gets for a matched job: its JDL (text and parsed) and a token for that job and attempt only."""
+    token = create_token(
+        key,
+        role="job",
+        owner=row.Owner,
+        group=row.OwnerGroup,
+        vo=row.VO,
+        lifetime=token_lifetime,
+        job_id=row.JobID,
+        run=row.RescheduleCounter,
+        pilot_stamp=pilot_stamp or None,
+    )
+    now = dt.datetime.now(dt.timezone.utc)
+    return {
+        "JobID": row.JobID,
+        "JDL": row.JDL,
+        "Job": jdl.to_jsonable(jdl.parse(row.JDL)),
+        "Token": token,
+        "TokenExpires": format_time(now + dt.timedelta(seconds=token_lifetime)),
+        "ServerTime": format_time(now),
+    }

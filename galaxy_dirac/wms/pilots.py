@@ -8,7 +8,8 @@ from sqlalchemy import Engine, insert, select, update
 
 from .. import states
 from .db import JobToPilotMapping, PilotAgents, read_transaction, retrying, utcnow, write_transaction
-from .jobs import BadRequest, NotFound
+from .errors import Invalid as BadRequest
+from .errors import NotFound
 
 PILOT_COLUMNS = [c.name for c in PilotAgents.__table__.columns]
 

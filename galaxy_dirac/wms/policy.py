@@ -6,7 +6,11 @@ be matched. Roles (see ``docs/security.md``):
 - ``admin``: everything.
 - ``runner`` (Galaxy, one owner): submits, reads and changes its owner's jobs and sandboxes.
 - ``reader`` (monitoring): reads every job; changes nothing.
-- ``pilot``: asks for matches and updates pilot records; touches no job.
+- ``director`` (the SiteDirector): records the pilots it submits, mints each one's pilot token, reconciles pilot
+  states and reads demand; matches no job.
+- ``pilot`` with a stamp (minted by the director for one pilot): registers, updates and matches as that pilot only,
+  at the site it was started for. Without a stamp (``token create --role pilot``): a site-wide pilot token that may
+  also do what a director does, for pilots started by hand; it belongs on trusted hosts only.
 - ``job`` (minted at match time for one job and one attempt): heartbeats and status of that job, its own input and
   output sandboxes; dead once the job is rescheduled (``run`` no longer equals the job's RescheduleCounter).
 """
@@ -33,6 +37,45 @@ def owner_prefix(principal: Principal) -> str:
     return f"/S3/sandboxes/{principal.vo}/{principal.group}/{principal.owner}/"
 
 
+# --- pilots -------------------------------------------------------------------------------------------------------
+def require_pilot_manager(principal: Principal) -> None:
+    """Record submitted pilots, mint their tokens, change any pilot's record: the director's work."""
+    require_role(principal, "admin", "director", "pilot")
+    if principal.is_one_pilot:
+        raise Forbidden(f"the token of pilot {principal.pilot_stamp} may act for that pilot only")
+
+
+def require_pilot(principal: Principal, stamp: str, site: Optional[str] = None) -> None:
+    """May the caller register or update pilot ``stamp`` (reporting ``site``)? A one-pilot token: itself only."""
+    require_role(principal, "admin", "director", "pilot")
+    if not principal.is_one_pilot:
+        return
+    if stamp != principal.pilot_stamp:
+        raise Forbidden(f"this token is pilot {principal.pilot_stamp}'s, not pilot {stamp}'s")
+    if site is not None and principal.pilot_site and site != principal.pilot_site:
+        raise Forbidden(f"pilot {stamp} was started for site {principal.pilot_site}, not {site}")
+
+
+def matching_pilot(principal: Principal, stamp: str, site: str) -> str:
+    """May the caller ask for a job for this slot? Returns the stamp the match is recorded under: a one-pilot
+    token matches as itself, at its own site, so it can neither take another site's jobs nor blame another pilot."""
+    require_role(principal, "admin", "pilot")
+    if not principal.is_one_pilot:
+        return stamp
+    require_pilot(principal, stamp or str(principal.pilot_stamp), site)
+    return str(principal.pilot_stamp)
+
+
+def visible_pilots(principal: Principal, stamps: list[str]) -> list[str]:
+    """The stamps a pilot listing may show: a one-pilot token sees its own record only."""
+    require_role(principal, "admin", "director", "pilot", "reader")
+    if principal.is_one_pilot:
+        if stamps and stamps != [principal.pilot_stamp]:
+            raise Forbidden(f"this token is pilot {principal.pilot_stamp}'s; it may list that pilot only")
+        return [str(principal.pilot_stamp)]
+    return stamps
+
+
 # --- jobs ----------------------------------------------------------------------------------------------------------
 def job_refusal(principal: Principal, job_id: int, row: Any) -> Optional[WMSError]:
     """Why ``principal`` may not change job ``job_id`` (its row, or ``None`` if there is none), or ``None`` if it may.
@@ -54,6 +97,13 @@ def job_refusal(principal: Principal, job_id: int, row: Any) -> Optional[WMSErro
     if principal.role == "admin":
         return None
     raise Forbidden(f"a {principal.role} token may not change jobs")
+
+
+def reading_as(principal: Principal) -> Principal:
+    """The principal a read of one job is checked as: a reader (monitoring) reads every job as an admin would."""
+    return (
+        Principal("admin", principal.owner, principal.group, principal.vo) if principal.role == "reader" else principal
+    )
 
 
 def require_current_attempt(principal: Principal, reschedule_counter: int) -> None:

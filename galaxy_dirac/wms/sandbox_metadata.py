@@ -6,7 +6,8 @@ The bytes live in the content-addressed store (``sandboxes.py``); this module de
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -24,7 +25,11 @@ from .db import (
     utcnow,
     write_transaction,
 )
-from .jobs import SANDBOX_SE, BadRequest, split_sandbox_ref
+from .jobs import SANDBOX_SE, BadRequest, sandbox_pfn, split_sandbox_ref
+from .sandboxes import SandboxNotFound, SandboxStore, SandboxTooLarge, key_from_pfn, make_ticket, read_ticket
+
+if TYPE_CHECKING:
+    from .context import Context
 
 SANDBOX_TYPES = ("Input", "Output")
 
@@ -109,9 +114,7 @@ def owner_prefix(principal: Principal) -> str:
 
 
 @retrying
-def assign(
-    engine: Engine, job_id: int, ref_or_pfn: str, sandbox_type: str, principal: Principal | None = None
-) -> None:
+def assign(engine: Engine, job_id: int, ref_or_pfn: str, sandbox_type: str, principal: Principal | None = None) -> None:
     """Attach a registered sandbox to a job (the output sandbox after the wrapper uploaded it); with a principal,
     only what policy.py allows it."""
     if sandbox_type not in SANDBOX_TYPES:
@@ -155,3 +158,76 @@ def job_sandboxes(engine: Engine, job_id: int) -> dict[str, list[str]]:
 def touch(engine: Engine, pfn: str) -> None:
     with write_transaction(engine) as conn:
         conn.execute(update(SandBoxes).where(SandBoxes.SEPFN == pfn).values(LastAccessTime=utcnow()))
+
+
+# --- the upload and download flow (DiracX's sandbox logic; the routes only carry HTTP) -----------------------------
+def _ticket_principal(caller: Principal) -> dict[str, Any]:
+    """Who a ticket is for (signed into it); for job tokens with the job and attempt, checked again on use."""
+    data: dict[str, Any] = {"role": caller.role, "owner": caller.owner, "group": caller.group, "vo": caller.vo}
+    if caller.role == "job":
+        data.update(job_id=caller.job_id, run=caller.run)
+    return data
+
+
+def upload_target(
+    ctx: Context, caller: Principal, checksum_algorithm: str, checksum: str, fmt: str, size: int, base_url: str
+) -> dict[str, Any]:
+    """An upload target, or none when the caller already holds these bytes (dedup within one owner, and for a
+    job token within its job: knowing another owner's checksum is not proof of holding the bytes)."""
+    policy.require_role(caller, "admin", "runner", "job")
+    settings = ctx.settings
+    if size > settings.max_sandbox_size:
+        raise SandboxTooLarge(f"sandbox of {size} bytes is over the limit of {settings.max_sandbox_size}")
+    checksum = checksum.lower()
+    key = ctx.store.key_for(checksum_algorithm, checksum, fmt)
+    pfn = sandbox_pfn(caller, checksum_algorithm, checksum, fmt)
+    if has_own_copy(ctx.engine, caller, pfn) and ctx.store.exists(key):
+        touch(ctx.engine, pfn)
+        return {"pfn": full_ref(pfn), "url": None, "fields": {}}
+    claims = {"size": size, "pfn": pfn, "principal": _ticket_principal(caller)}
+    ticket = make_ticket(ctx.key, key, "upload", int(settings.ticket_lifetime), claims)
+    return {"pfn": full_ref(pfn), "url": f"{base_url}/api/x-embedded/sandboxes/upload/{ticket}", "fields": {"key": key}}
+
+
+def upload_claims(ctx: Context, ticket: str) -> dict[str, Any]:
+    """What an upload ticket allows (key, size, pfn, principal); refused when forged or expired."""
+    return read_ticket(ctx.key, ticket, "upload")
+
+
+def store_upload(ctx: Context, claims: dict[str, Any], stream: IO[bytes]) -> None:
+    """Store the bytes (hashed even when the content is stored already: the upload is the proof of holding
+    them), then register the pfn for the ticket's principal."""
+    ctx.store.write(claims["key"], stream, claims["size"], prove=True)
+    register(ctx.engine, claims["principal"], claims["pfn"], claims["size"])
+
+
+def download_target(ctx: Context, caller: Principal, ref: str, base_url: str) -> dict[str, Any]:
+    """A download ticket for a sandbox the caller may read (policy.require_sandbox_read)."""
+    path = split_sandbox_ref(ref)[1] if ref.startswith("SB:") else ref
+    check_read_access(ctx.engine, caller, path)
+    lifetime = int(ctx.settings.ticket_lifetime)
+    claims = {"principal": _ticket_principal(caller)} if caller.role == "job" else None
+    ticket = make_ticket(ctx.key, key_from_pfn(path), "download", lifetime, claims)
+    touch(ctx.engine, path)
+    return {"url": f"{base_url}/api/x-embedded/sandboxes/download/{ticket}", "expires_in": lifetime}
+
+
+def download_path(ctx: Context, ticket: str) -> Path:
+    """The stored file a download ticket names; a job token's ticket dies with the attempt it was given to."""
+    claims = read_ticket(ctx.key, ticket, "download")
+    if "principal" in claims:
+        with read_transaction(ctx.engine) as conn:
+            policy.require_live_job_token(conn, Principal(**claims["principal"]))
+    path = ctx.store.path_for(claims["key"])
+    if not path.exists():
+        raise SandboxNotFound(f"sandbox {claims['key']} is not in the store")
+    return path
+
+
+def delete_unused(engine: Engine, store: SandboxStore, pfn: str) -> None:
+    """Drop the bytes of a removed sandbox record unless another owner's pfn names the same content."""
+    key = key_from_pfn(pfn)
+    with read_transaction(engine) as conn:
+        still_used = conn.execute(select(SandBoxes.SBId).where(SandBoxes.SEPFN.like(f"%/{key}"))).first()
+    if still_used is None:
+        store.delete(key)

@@ -14,7 +14,9 @@ import contextlib
 import os
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
+
+from starlette.concurrency import run_in_threadpool
 
 
 class Generation:
@@ -92,3 +94,15 @@ def _mtime(path: Optional[str]) -> int:
 def _wake(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+async def long_poll(changes: Generation, recheck: float, wait: float, attempt: Callable[[], Any]) -> Any:
+    """``attempt()`` (blocking, in the thread pool) until it answers something (not None, not empty) or ``wait``
+    seconds pass; between tries, sleep until ``changes`` moves on or ``recheck`` seconds pass (other hosts)."""
+    deadline = time.monotonic() + wait
+    while True:
+        seen = changes.value
+        answer = await run_in_threadpool(attempt)
+        if (answer is not None and answer != []) or time.monotonic() >= deadline:
+            return answer
+        await changes.wait_past(seen, min(deadline, time.monotonic() + recheck) - time.monotonic())

@@ -109,7 +109,7 @@ def test_kill_from_galaxy(stack: GalaxyStack) -> None:
         if status == "Killed":
             break
         time.sleep(0.5)
-    assert status == "Killed"
+    assert status == "Killed", stack.scheduler("GET", f"api/x-embedded/jobs/{int(external_id)}")["History"]
     assert galaxy.job(job_id, full=False)["state"] in ("deleted", "deleting", "deleted_new")
 
 

@@ -1,4 +1,5 @@
-"""Nobody reads what isn't theirs: sandboxes across owners, across jobs of one owner, and across reschedules.
+"""Nobody reads what isn't theirs: sandboxes across owners, across jobs of one owner, and across reschedules; a
+pilot's own token changes nothing but that pilot.
 
 In process (the real app and database, no server process), on SQLite, PostgreSQL and MariaDB.
 """
@@ -7,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import jwt
 import pytest
 from fastapi.testclient import TestClient
 
@@ -143,3 +146,59 @@ def test_a_job_token_from_before_a_reschedule_gets_no_sandbox_access(api: Api) -
     assert matched == job_id
     assert api.download(new, own_input).status_code == 200
     assert api.client.get(early_download).status_code == 403  # still dead for the old attempt
+
+
+def test_a_pilot_token_acts_for_its_own_pilot_only(api: Api) -> None:
+    """Each pilot the director submits carries its own token: a compromised worker node can neither speak for
+    another pilot (mark it Failed, match in its name) nor take another site's jobs, nor mint tokens."""
+    director = api.headers("director", "sitedirector")
+    minted = api.client.post("/api/x-embedded/pilots/tokens", headers=director,
+                             json={"stamps": ["pilotA", "pilotB"], "site": "S.x", "lifetime": 10**9})
+    assert minted.status_code == 200, minted.text
+    tokens = minted.json()["tokens"]
+    claims = jwt.decode(tokens["pilotA"], options={"verify_signature": False})
+    assert (claims["role"], claims["pilot_stamp"], claims["pilot_site"]) == ("pilot", "pilotA", "S.x")
+    assert claims["exp"] - claims["iat"] <= api.app.state.ctx.settings.pilot_token_lifetime  # capped
+    assert claims["exp"] > time.time() + 60
+    a, b = ({"Authorization": f"Bearer {tokens[s]}"} for s in ("pilotA", "pilotB"))
+    assert api.client.post("/api/x-embedded/pilots", headers=director, json={"stamps": ["pilotA", "pilotB"]}).is_success
+
+    def post(headers: dict[str, str], path: str, body: Any) -> Any:
+        return api.client.post(path, headers=headers, json=body)
+
+    assert post(b, "/api/x-embedded/pilots/register", {"stamp": "pilotB", "site": "S.x"}).status_code == 200
+    refusals = [
+        post(a, "/api/x-embedded/pilots/register", {"stamp": "pilotB", "site": "S.x"}),
+        post(a, "/api/x-embedded/pilots/register", {"stamp": "pilotA", "site": "S.other"}),
+        api.client.patch("/api/x-embedded/pilots/pilotB", headers=a, json={"status": "Failed"}),
+        post(a, "/api/x-embedded/match", {"Site": "S.x", "PilotStamp": "pilotB"}),
+        post(a, "/api/x-embedded/match", {"Site": "S.other", "PilotStamp": "pilotA"}),
+        post(a, "/api/x-embedded/pilots/tokens", {"stamps": ["pilotC"]}),
+        post(a, "/api/x-embedded/pilots", {"stamps": ["pilotC"]}),
+        post(a, "/api/x-embedded/monitoring/sitedirector", []),
+        api.client.get("/api/x-embedded/pilots", headers=a, params={"stamp": "pilotB"}),
+        post(director, "/api/x-embedded/match", {"Site": "S.x"}),  # the director runs no jobs
+        post(api.headers(), "/api/x-embedded/pilots/tokens", {"stamps": ["pilotC"]}),
+    ]
+    for response in refusals:
+        assert response.status_code == 403, (response.request.url, response.text)
+    assert api.client.get("/api/x-embedded/pilots", headers=b).json()[0]["Status"] == "Running"
+    mine = api.client.get("/api/x-embedded/pilots", headers=a)
+    assert [p["PilotStamp"] for p in mine.json()] == ["pilotA"]
+
+    job_id = api.submit()
+    matched = post(a, "/api/x-embedded/match", {"Site": "S.x"})  # no stamp given: recorded as its own
+    assert matched.status_code == 200 and matched.json()["JobID"] == job_id, matched.text
+    job_claims = jwt.decode(matched.json()["Token"], options={"verify_signature": False})
+    assert (job_claims["role"], job_claims["pilot_stamp"]) == ("job", "pilotA")
+    details = api.client.get(f"/api/x-embedded/jobs/{job_id}", headers=api.headers())
+    assert details.json()["Pilots"] == ["pilotA"]
+    assert api.client.patch("/api/x-embedded/pilots/pilotA", headers=a, json={"status": "Done"}).status_code == 200
+    assert api.client.get("/api/x-embedded/pilots", headers=b).json()[0]["Status"] == "Running"
+
+
+@pytest.mark.parametrize("stamps", [[], ["a b"], ["x" * 33], ["$(reboot)"], [""]])
+def test_pilot_tokens_only_for_stamps_a_wrapper_can_carry(api: Api, stamps: list[str]) -> None:
+    answer = api.client.post("/api/x-embedded/pilots/tokens", headers=api.headers("director", "sitedirector"),
+                             json={"stamps": stamps})
+    assert answer.status_code == 422, answer.text

@@ -7,6 +7,9 @@ steps with a ``now`` just before and just after each threshold, on SQLite, Postg
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +27,7 @@ from galaxy_dirac.wms.db import (
     JobParameters,
     Jobs,
     JobToPilotMapping,
+    Leases,
     LoggingInfo,
     PilotAgents,
     SandBoxes,
@@ -33,6 +37,7 @@ from galaxy_dirac.wms.db import (
     utcnow,
     write_transaction,
 )
+from tests.conftest import wait_for
 from tests.wms.helpers import ALICE, job_token, make_db, make_settings, row, submit
 
 SITE = "SITE.maintenance.org"
@@ -328,3 +333,104 @@ def test_run_once_runs_every_step(wms: tuple[Engine, Settings]) -> None:
     }
     assert report["stalled"] == [] and report["jobs_cleaned"] == 0  # nothing is old yet
     assert row(engine, job_id).Status == states.RUNNING
+
+
+# --- the maintenance lease: one leader among every worker of every host --------------------------------------------
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lease_row(engine: Engine, name: str = "test") -> Any:
+    with read_transaction(engine) as conn:
+        return conn.execute(select(Leases).where(Leases.Name == name)).one()
+
+
+def test_the_lease_passes_on_only_when_its_holder_stops_renewing(
+    wms: tuple[Engine, Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    engine, _ = wms
+    clock = FakeClock()
+    a, b = (maintenance.Lease(engine, "test", 30, holder=name, clock=clock) for name in ("host-a", "host-b"))
+    caplog.set_level(logging.INFO, logger=maintenance.__name__)
+    assert a.hold() and not b.hold()
+    for _ in range(5):  # renewed every 20 s: b never sees the same lease for 30 s
+        clock.now += 20
+        assert a.hold() and not b.hold()
+    assert (lease_row(engine).Holder, lease_row(engine).Renewals) == ("host-a", 5)
+    clock.now += 29  # a died: b saw its last renewal 29 s ago
+    assert not b.hold()
+    clock.now += 1
+    assert b.hold() and lease_row(engine).Holder == "host-b"
+    assert not a.hold() and b.hold()  # a came back from a long pause: it has lost the lease
+    assert [r.getMessage() for r in caplog.records] == [
+        "test lease taken by this process (host-a) from nobody",
+        "test lease held by host-a; this process (host-b) stands by",
+        "test lease taken by this process (host-b) from host-a",
+        "test lease lost by this process (host-a) to host-b",
+    ]
+
+
+def test_a_lease_given_up_is_taken_at_the_next_try(wms: tuple[Engine, Settings]) -> None:
+    engine, _ = wms
+    clock = FakeClock()
+    a, b = (maintenance.Lease(engine, "test", 30, holder=name, clock=clock) for name in ("host-a", "host-b"))
+    assert a.hold() and not b.hold()
+    a.release()
+    assert lease_row(engine).Holder == "" and not a.held
+    assert b.hold() and not a.hold()
+
+
+def test_contenders_starting_together_elect_one(wms: tuple[Engine, Settings]) -> None:
+    """Eight workers contend for a lease nobody has created yet: the primary key lets one insert it."""
+    engine, _ = wms
+    contenders = [maintenance.Lease(engine, "test", 30) for _ in range(8)]
+    barrier = threading.Barrier(len(contenders))
+
+    def contend(lease: maintenance.Lease) -> bool:
+        barrier.wait()
+        return lease.hold()
+
+    with ThreadPoolExecutor(len(contenders)) as pool:
+        held = list(pool.map(contend, contenders))
+    assert held.count(True) == 1
+    assert lease_row(engine).Holder == contenders[held.index(True)].holder
+    assert [lease.hold() for lease in contenders] == held
+
+
+def test_maintenance_threads_run_passes_only_while_they_lead(
+    wms: tuple[Engine, Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers' threads: passes come from the leader only, and the other takes over once the leader stops."""
+    engine, settings = wms
+    settings.maintenance_interval = 0.05
+    passes: list[str] = []
+
+    def holder() -> str:
+        return lease_row(engine, maintenance.MAINTENANCE_LEASE).Holder
+
+    monkeypatch.setattr(maintenance, "run_once", lambda *_: passes.append(threading.current_thread().name) or {})
+    threads = [maintenance.leader(engine, settings) for _ in range(2)]
+    for index, thread in enumerate(threads):
+        assert thread is not None
+        thread.name = f"worker-{index}"
+        thread.start()
+    try:
+        wait_for(lambda: len(passes) >= 5, 10, "maintenance passes")
+        first = holder()
+        leading = next(t for t in threads if t.lease.holder == first)
+        other = next(t for t in threads if t is not leading)
+        assert set(passes) == {leading.name}
+        leading.stop()
+        assert not leading.is_alive() and holder() in ("", other.lease.holder)
+        wait_for(lambda: other.name in passes, 10, "the other worker's first pass")
+        assert holder() == other.lease.holder
+    finally:
+        for thread in threads:
+            thread.stop()
+    assert holder() == ""
+    settings.maintenance_interval = 0
+    assert maintenance.leader(engine, settings) is None
