@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import requests
+
+from galaxy_dirac.archive import create_archive, safe_extract
+from galaxy_dirac.wms.auth import create_token
+from galaxy_dirac.wms.config import load_settings
 
 PG_ADMIN_URL = os.environ.get("GALAXY_DIRAC_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 MARIADB_ADMIN_URL = os.environ.get("GALAXY_DIRAC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/mysql")
@@ -127,13 +132,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 class WMSServer:
-    """The real ``galaxy-dirac-wms serve`` in its own process, on a free loopback port."""
+    """The real ``galaxy-dirac-wms serve`` in its own process, on a free loopback port, and a client of its API.
+
+    Its settings are the keywords given here and nothing from the caller's environment (a stray
+    ``GALAXY_DIRAC_WMS_*`` there would change what every test sees).
+    """
 
     def __init__(self, home: Path, db: str | None = None, **settings: Any) -> None:
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = dict(os.environ)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("GALAXY_DIRAC_WMS_")}
         self.env.update({f"GALAXY_DIRAC_WMS_{k.upper()}": str(v) for k, v in settings.items()})
         self.env["GALAXY_DIRAC_WMS_HOME"] = str(home)
         if db:
@@ -158,7 +167,98 @@ class WMSServer:
             args += ["--group", group]
         return self.cli(*args).strip()
 
+    @property
+    def key(self) -> bytes:
+        """The token signing secret, found the way ``serve`` finds it (the ``secret`` setting or the home's file)."""
+        return load_settings(environ=self.env).signing_key(create=True)
+
+    def api(
+        self,
+        method: str,
+        path: str,
+        role: str = "admin",
+        owner: str = "alice",
+        group: str = "galaxy_user",
+        **kwargs: Any,
+    ) -> Any:
+        """One call with a token of ``role`` minted in-process; fails the test on an error status, returns the JSON."""
+        headers = {"Authorization": f"Bearer {create_token(self.key, role=role, owner=owner, group=group)}"}
+        response = requests.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+        assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text}"
+        return response.json() if response.content else None
+
+    def submit(self, jdls: list[str], owner: str = "alice", group: str = "galaxy_user") -> list[int]:
+        """Submit as ``owner``'s runner; the new job ids in the order of ``jdls``."""
+        return [job["JobID"] for job in self.api("POST", "/api/jobs/jdl", "runner", owner, group, json=jdls)]
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        """Everything the scheduler keeps about a job (history, parameters, heartbeats), as an admin sees it."""
+        return self.api("GET", f"/api/x-embedded/jobs/{job_id}")
+
+    def wait_status(
+        self, job_id: int, statuses: tuple[str, ...], timeout: float, minor: str | None = None
+    ) -> dict[str, Any]:
+        """The job once its status is one of ``statuses`` (and its minor status ``minor``); fails showing the job."""
+
+        def reached() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            if job["Status"] in statuses and (minor is None or job["MinorStatus"] == minor):
+                return job
+            return None
+
+        try:
+            return wait_for(reached, timeout, f"job {job_id} to reach {statuses} {minor or ''}", interval=0.1)
+        except AssertionError:
+            raise AssertionError(f"job {job_id}: {json.dumps(self.job(job_id), indent=1)[-4000:]}") from None
+
+    def pilot_row(self, stamp: str) -> dict[str, Any]:
+        rows = self.api("GET", "/api/x-embedded/pilots", params={"stamp": stamp})
+        assert len(rows) == 1, rows
+        return rows[0]
+
+    def upload_sandbox(self, files: dict[str, bytes], tmp: Path) -> str:
+        """Upload an input sandbox the way a DiracX client does (``*.sh`` executable); returns its pfn."""
+        source = tmp / f"isb-{uuid.uuid4().hex}"
+        source.mkdir()
+        for name, content in files.items():
+            (source / name).write_bytes(content)
+            if name.endswith(".sh"):
+                (source / name).chmod(0o755)
+        archive = tmp / f"{source.name}.tar.bz2"
+        sha, size = create_archive(archive, [(name, source / name) for name in files])
+        return self.upload_archive(archive, sha, size)
+
+    def upload_archive(self, archive: Path, sha: str, size: int) -> str:
+        info = {"checksum_algorithm": "sha256", "checksum": sha, "size": size, "format": "tar.bz2"}
+        target = self.api("POST", "/api/jobs/sandbox", json=info)
+        if target["url"]:
+            with open(archive, "rb") as stream:
+                response = requests.post(
+                    target["url"], data=target["fields"], files={"file": (archive.name, stream)}, timeout=30
+                )
+            assert response.status_code < 300, response.text
+        return target["pfn"]
+
+    def output_sandbox(self, job_id: int, tmp: Path) -> dict[str, bytes]:
+        """The files of the job's one output sandbox, by name."""
+        pfns = self.api("GET", f"/api/jobs/{job_id}/sandbox/output")
+        assert len(pfns) == 1, pfns
+        url = self.api("GET", "/api/jobs/sandbox", params={"pfn": pfns[0]})["url"]
+        archive = tmp / f"osb-{job_id}.tar.bz2"
+        archive.write_bytes(requests.get(url, timeout=30).content)
+        dest = tmp / f"osb-{job_id}"
+        names = safe_extract(archive, dest)
+        return {name: (dest / name).read_bytes() for name in names if (dest / name).is_file()}
+
     def start(self) -> WMSServer:
+        """Start and wait until it answers; a server that does not is stopped, its log in the error."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> WMSServer:
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
@@ -169,7 +269,7 @@ class WMSServer:
             start_new_session=True,
         )
         self._log = log
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a loaded two-core machine may take that long
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"scheduler exited with {self.process.returncode}:\n{self.log_path.read_text()}")

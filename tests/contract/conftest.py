@@ -20,7 +20,8 @@ from typing import Dict, Iterator
 
 import pytest
 
-from tests.conftest import unavailable
+from galaxy_dirac.wms.auth import create_refresh_token
+from tests.conftest import WMSServer, unavailable
 from tests.contract.diracx_server import DiracxServer, diracx_venv, start_diracx_server
 
 #: Servers every contract test runs against. Add e.g. `pytest.param("embedded")` with an `embedded_server`
@@ -88,7 +89,11 @@ def diracx_login_server(
 
 @dataclass
 class EmbeddedServer:
-    """Our scheduler, seen like a DiracX server: base URL, alice's token and a refreshable credentials pair."""
+    """Our scheduler, seen like a DiracX server: base URL, alice's token and a refreshable credentials pair.
+
+    The interface the contract tests share with :class:`DiracxServer` (``.token`` is a string there too), over a
+    :class:`tests.conftest.WMSServer`.
+    """
 
     url: str
     token: str
@@ -98,19 +103,14 @@ class EmbeddedServer:
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     """The real ``galaxy-dirac-wms serve`` process, holding alice's runner token as DiracX's alice."""
-    from galaxy_dirac.wms.auth import create_refresh_token
-    from galaxy_dirac.wms.config import load_settings
-    from tests.conftest import WMSServer
-
     server = WMSServer(tmp_path_factory.mktemp("embedded") / "wms").start()
     try:
         token = server.token("runner", "alice", "galaxy_user")
-        key = load_settings(environ=server.env).signing_key()
         credentials = {
             "access_token": token,
             "expires_in": 86400,
             "token_type": "Bearer",
-            "refresh_token": create_refresh_token(key, token),
+            "refresh_token": create_refresh_token(server.key, token),
         }
         yield EmbeddedServer(server.url, token, credentials)
     finally:

@@ -13,12 +13,20 @@ import pytest
 
 from galaxy_dirac.client import MAX_JDLS_PER_REQUEST, WMSClient, WMSError
 from tests.contract.flaky_proxy import FlakyProxy
+from tests.jdl import jdl_text
 
 
-def _jdl(tag: str, n: int, extra: str = "") -> str:
-    return (
-        f'Executable = "/bin/echo"; Arguments = "job {n}"; JobName = "{tag}-{n}"; JobGroup = "{tag}"; '
-        f'OutputSandbox = {{"std.out", "std.err"}}; StdOutput = "std.out"; StdError = "std.err";{extra}'
+def _jdl(tag: str, n: int, **extra: Any) -> str:
+    return jdl_text(
+        brackets=False,
+        Executable="/bin/echo",
+        Arguments=f"job {n}",
+        JobName=f"{tag}-{n}",
+        JobGroup=tag,
+        OutputSandbox=["std.out", "std.err"],
+        StdOutput="std.out",
+        StdError="std.err",
+        **extra,
     )
 
 
@@ -30,7 +38,7 @@ def client(contract_server: Any) -> WMSClient:
 def test_bulk_submit_in_chunks_and_groups_then_one_search(client: WMSClient, contract_server: Any) -> None:
     """More than 20 JDLs with two attribute-name sets: chunked by 20, grouped by set, order kept."""
     tag = f"cc-{uuid.uuid4().hex[:8]}"
-    jdls = [_jdl(tag, n, " CPUTime = 3600;" if n % 4 == 0 else "") for n in range(MAX_JDLS_PER_REQUEST + 5)]
+    jdls = [_jdl(tag, n, **({"CPUTime": 3600} if n % 4 == 0 else {})) for n in range(MAX_JDLS_PER_REQUEST + 5)]
     jobs = client.submit(jdls)
     ids = [job["JobID"] for job in jobs]
     assert len(set(ids)) == len(jdls)
@@ -75,9 +83,8 @@ def test_sandbox_upload_dedup_download_and_output_sandbox(client: WMSClient, tmp
     assert pfn.startswith("SB:SandboxSE|") and pfn.endswith(".tar.bz2")
     assert client.upload_sandbox(str(archive)) == pfn
     assert client.download_sandbox(pfn) == archive.read_bytes()
-    job_id = client.submit([f'Executable = "/bin/cat"; Arguments = "hello.txt"; InputSandbox = {{"{pfn}"}};'])[0][
-        "JobID"
-    ]
+    jdl = jdl_text(brackets=False, Executable="/bin/cat", Arguments="hello.txt", InputSandbox=[pfn])
+    job_id = client.submit([jdl])[0]["JobID"]
     assert client.request("PATCH", f"api/jobs/{job_id}/sandbox/output", json=pfn).status_code == 200
     (blob,) = client.download_output_sandboxes(job_id)
     assert blob.getvalue() == archive.read_bytes()
@@ -111,7 +118,7 @@ def test_lost_submit_answer_without_job_name_is_not_reposted(contract_server: An
         proxy.fail("POST", "/api/jobs/jdl", "504_after")
         client = WMSClient(proxy.url, contract_server.token, retries=2, backoff=0.05)
         with pytest.raises(WMSError, match="not re-posted"):
-            client.submit([f'Executable = "/bin/echo"; JobGroup = "{tag}";'])
+            client.submit([jdl_text(brackets=False, Executable="/bin/echo", JobGroup=tag)])
         assert proxy.seen("POST", "/api/jobs/jdl") == [True]
     rows = WMSClient(contract_server.url, contract_server.token).search(
         [{"parameter": "JobGroup", "operator": "eq", "value": tag}], ["JobID"]

@@ -15,6 +15,7 @@ import pytest
 
 from galaxy_dirac.client import WMSClient
 from tests.contract.diracx_server import VO
+from tests.jdl import jdl_text
 
 pytestmark = pytest.mark.diracx
 
@@ -36,8 +37,8 @@ def _add_pilot(db: str, job_id: int, stamp: str, reference: str, ce: str, queue:
 def test_consumption_names_the_ce_queue_and_pilot_of_the_last_pilot(diracx_server: Any) -> None:
     client = WMSClient(diracx_server.url, diracx_server.token, retries=1, backoff=0.1)
     tag = uuid.uuid4().hex[:8]
-    job_id, other = (j["JobID"] for j in client.submit([f'Executable = "/bin/true"; JobName = "{tag}-{n}";'
-                                                         for n in (1, 2)]))  # fmt: skip
+    jdls = [jdl_text(brackets=False, JobName=f"{tag}-{n}") for n in (1, 2)]
+    job_id, other = (j["JobID"] for j in client.submit(jdls))
     assert client.consumption(job_id) == {}  # no pilot yet: nothing to tell, and no error
     db = str(diracx_server.workdir / "db" / "pilotagentsdb.db")
     _add_pilot(db, job_id, f"a{tag}", f"htcondorce://ce1/{tag}.0", "ce1.example.org", "long")

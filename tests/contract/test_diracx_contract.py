@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from tests.contract.diracx_server import ADMIN_GROUP, DiracxServer, write_credentials
+from tests.jdl import jdl_text
 
 SCRIPT = pathlib.Path(__file__).with_name("diracx_client_calls.py")
 
@@ -69,7 +70,7 @@ def _now(seconds: float = 0.0) -> str:
 
 def _jdls(tag: str, count: int) -> List[str]:
     """JDLs with identical attribute names (DiracX 0.7 fails a bulk submission whose JDLs differ in them)."""
-    return [f'Executable = "/bin/echo"; JobName = "{tag}-{i}"; JobGroup = "{tag}";' for i in range(count)]
+    return [jdl_text(brackets=False, Executable="/bin/echo", JobName=f"{tag}-{i}", JobGroup=tag) for i in range(count)]
 
 
 def _submit(session: requests.Session, url: str, tag: str, count: int) -> List[int]:
@@ -319,7 +320,7 @@ def test_sandbox_roundtrip(contract_server: Any) -> None:
     assert set(download.json()) == {"url", "expires_in"}
     assert requests.get(download.json()["url"]).content == blob
 
-    jdl = f'Executable = "/bin/cat"; Arguments = "hello.txt"; JobName = "sb"; InputSandbox = {{"{pfn}"}};'
+    jdl = jdl_text(brackets=False, Executable="/bin/cat", Arguments="hello.txt", JobName="sb", InputSandbox=[pfn])
     job = session.post(f"{url}/api/jobs/jdl", json=[jdl])
     assert job.status_code == 201
     job_id = job.json()[0]["JobID"]

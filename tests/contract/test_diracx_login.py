@@ -25,6 +25,7 @@ import requests
 from galaxy_dirac.client import LoginExpired, WMSClient
 from galaxy_dirac.credentials import CLIENT_ID, device_login, token_claims
 from tests.contract.diracx_server import USER_GROUP, DiracxServer
+from tests.jdl import jdl_text
 
 pytestmark = pytest.mark.diracx
 
@@ -215,7 +216,7 @@ def test_reused_refresh_token_ends_the_login(diracx_login_server: DiracxServer, 
         json.dumps({"access_token": stale["access_token"], "refresh_token": stale["refresh_token"], "expires_on": 0})
     )
     os.replace(tmp_path / "stale.json", path)
-    error = _assert_login_expired(client, path, lambda: client.submit(['Executable = "/bin/true"; JobName = "x";']))
+    error = _assert_login_expired(client, path, lambda: client.submit([jdl_text(brackets=False, JobName="x")]))
     assert "reused" in str(error)
     path.write_text(rotated)  # even the good token is gone now: DiracX revoked all of bob's refresh tokens
     _expire(path)

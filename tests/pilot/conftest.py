@@ -39,7 +39,11 @@ def json_reply(data: Any, status: int = 200) -> Reply:
 
 
 class LocalServer:
-    """A threaded HTTP server on a free loopback port; ``app(Request) -> Reply`` answers every request."""
+    """A threaded HTTP server on a free loopback port; ``app(Request) -> Reply`` answers every request.
+
+    A test double, not the scheduler (that is ``tests.conftest.WMSServer``): the pilot's unit tests and the runner's
+    staging tests script failures into the answers and read back every request.
+    """
 
     def __init__(self, app: Callable[[Request], Reply]) -> None:
         self.app = app

@@ -13,36 +13,28 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import pytest
-import requests
 
-from galaxy_dirac.archive import create_archive, safe_extract, sha256_file
+from galaxy_dirac.archive import sha256_file
 from galaxy_dirac.pilot.build import build_zipapp
 from galaxy_dirac.pilot.watchdog import live
-from tests.conftest import wait_for
+from tests.conftest import WMSServer, wait_for
+from tests.jdl import jdl_text
 
 from .conftest import FileStore, LocalServer
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pilots need /proc")
 
 SECRET = "pilot-integration-tests-" + "s" * 32
-WMS_COMMAND = [str(Path(sys.executable).parent / "galaxy-dirac-wms")]
 HEARTBEAT = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pid_alive(pid: int) -> bool:
@@ -54,136 +46,10 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-class Scheduler:
-    """``galaxy-dirac-wms serve`` as a subprocess, plus an admin client of its API."""
-
-    def __init__(self, home: Path, env: Optional[Dict[str, str]] = None) -> None:
-        self.home = home
-        home.mkdir(parents=True, exist_ok=True)
-        self.db = home / "wms.sqlite"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("GALAXY_DIRAC_")}
-        self.env.update({"GALAXY_DIRAC_WMS_SECRET": SECRET, "GALAXY_DIRAC_WMS_HOME": str(home)}, **(env or {}))
-        self.process: Optional[subprocess.Popen] = None
-        self.starts = 0
-        self.admin = requests.Session()
-
-    def _cli(self, *args: str) -> List[str]:
-        return [*WMS_COMMAND, *args, "--db", f"sqlite:///{self.db}", "--sandbox-dir", str(self.home / "sandboxes")]
-
-    def start(self) -> None:
-        self.starts += 1
-        log = open(self.home / f"serve-{self.starts}.log", "wb")  # noqa: SIM115 - the child keeps it
-        self.process = subprocess.Popen(
-            [*self._cli("serve"), "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-
-        def healthy() -> bool:
-            assert self.process.poll() is None, self.log()
-            try:
-                return requests.get(f"{self.url}/api/x-embedded/health", timeout=2).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_for(healthy, 60, "the scheduler to start", interval=0.2)
-        if "Authorization" not in self.admin.headers:
-            self.admin.headers["Authorization"] = f"Bearer {self.token('admin', owner='alice', group='galaxy_user')}"
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.process = None
-
-    def log(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-5000:] for p in sorted(self.home.glob("serve-*.log")))
-
-    def token(self, role: str, owner: str = "", group: str = "") -> str:
-        args = self._cli("token", "create") + ["--role", role]
-        if owner:
-            args += ["--owner", owner, "--group", group]
-        result = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=60, check=True)
-        return result.stdout.strip()
-
-    def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.admin.request(method, self.url + path, timeout=30, **kwargs)
-        assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text}"
-        return response.json() if response.content else None
-
-    def upload_sandbox(self, files: Dict[str, bytes], tmp: Path) -> str:
-        """Submit an input sandbox the way a DiracX client does; returns its pfn."""
-        source = tmp / f"isb-{uuid.uuid4().hex}"
-        source.mkdir()
-        for name, content in files.items():
-            (source / name).write_bytes(content)
-            if name.endswith(".sh"):
-                (source / name).chmod(0o755)
-        archive = tmp / f"{source.name}.tar.bz2"
-        sha, size = create_archive(archive, [(name, source / name) for name in files])
-        return self.upload_archive(archive, sha, size)
-
-    def upload_archive(self, archive: Path, sha: str, size: int) -> str:
-        target = self.api(
-            "POST",
-            "/api/jobs/sandbox",
-            json={"checksum_algorithm": "sha256", "checksum": sha, "size": size, "format": "tar.bz2"},
-        )
-        if target["url"]:
-            with open(archive, "rb") as stream:
-                response = requests.post(
-                    target["url"], data=target["fields"], files={"file": (archive.name, stream)}, timeout=30
-                )
-            assert response.status_code < 300, response.text
-        return target["pfn"]
-
-    def submit(self, jdl: str) -> int:
-        return self.api("POST", "/api/jobs/jdl", json=[jdl])[0]["JobID"]
-
-    def job(self, job_id: int) -> Dict[str, Any]:
-        return self.api("GET", f"/api/x-embedded/jobs/{job_id}")
-
-    def wait_status(self, job_id: int, statuses: tuple, timeout: float, minor: Optional[str] = None) -> Dict:
-        def reached() -> Optional[Dict]:
-            job = self.job(job_id)
-            if job["Status"] in statuses and (minor is None or job["MinorStatus"] == minor):
-                return job
-            return None
-
-        try:
-            return wait_for(reached, timeout, f"job {job_id} to reach {statuses} {minor or ''}", interval=0.1)
-        except AssertionError:
-            raise AssertionError(f"job {job_id}: {json.dumps(self.job(job_id), indent=1)[-4000:]}") from None
-
-    def output_sandbox(self, job_id: int, tmp: Path) -> Dict[str, bytes]:
-        pfns = self.api("GET", f"/api/jobs/{job_id}/sandbox/output")
-        assert len(pfns) == 1, pfns
-        url = self.api("GET", "/api/jobs/sandbox", params={"pfn": pfns[0]})["url"]
-        archive = tmp / f"osb-{job_id}.tar.bz2"
-        archive.write_bytes(requests.get(url, timeout=30).content)
-        dest = tmp / f"osb-{job_id}"
-        names = safe_extract(archive, dest)
-        return {name: (dest / name).read_bytes() for name in names if (dest / name).is_file()}
-
-    def pilot_row(self, stamp: str) -> Dict[str, Any]:
-        rows = self.api("GET", "/api/x-embedded/pilots", params={"stamp": stamp})
-        assert len(rows) == 1, rows
-        return rows[0]
-
-
 class Pilot:
     """One pilot process: the zipapp under an isolated interpreter (so only the standard library is available)."""
 
-    def __init__(self, pyz: Path, scheduler: Scheduler, workdir: Path, site: str, *extra: str) -> None:
+    def __init__(self, pyz: Path, scheduler: WMSServer, workdir: Path, site: str, *extra: str) -> None:
         self.workdir = workdir
         self.stamp = uuid.uuid4().hex
         workdir.mkdir(parents=True, exist_ok=True)
@@ -268,21 +134,11 @@ def cleanup():
                 os.killpg(int(line), signal.SIGKILL)
 
 
-def make_scheduler(home: Path, env: Optional[Dict[str, str]] = None):
-    scheduler = Scheduler(home, env)
-    try:
-        scheduler.start()
-    except BaseException:
-        scheduler.stop()
-        raise
-    return scheduler
-
-
 @pytest.fixture(scope="module")
-def wms(tmp_path_factory):
-    scheduler = make_scheduler(tmp_path_factory.mktemp("wms"))
-    yield scheduler
-    scheduler.stop()
+def wms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WMSServer]:
+    server = WMSServer(tmp_path_factory.mktemp("wms"), secret=SECRET).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -295,16 +151,7 @@ def jdl(site: str, **attributes: Any) -> str:
     attributes.setdefault("StdError", "std.err")
     attributes.setdefault("CPUTime", 3600)
     attributes["Site"] = site
-    lines = []
-    for name, value in attributes.items():
-        if isinstance(value, list):
-            text = "{" + ", ".join(json.dumps(v) for v in value) + "}"
-        elif isinstance(value, str):
-            text = json.dumps(value)
-        else:
-            text = str(value)
-        lines.append(f"  {name} = {text};")
-    return "[\n" + "\n".join(lines) + "\n]"
+    return jdl_text(**attributes)
 
 
 def now() -> str:
@@ -342,8 +189,8 @@ def test_job_runs_to_done_with_sandboxes_and_staging(wms, pyz, site, tmp_path, c
             tmp_path,
         )
         job_id = wms.submit(
-            jdl(site, Executable="job.sh", InputSandbox=[pfn], OutputSandbox=["std.out", "std.err", "result.txt"])
-        )
+            [jdl(site, Executable="job.sh", InputSandbox=[pfn], OutputSandbox=["std.out", "std.err", "result.txt"])]
+        )[0]
         pilot = Pilot(pyz, wms, tmp_path / "pilot", site, "--max-empty-matches", "2")
         cleanup[0].append(pilot)
         job = wms.wait_status(job_id, ("Done", "Failed"), 60)
@@ -379,7 +226,7 @@ def test_job_runs_to_done_with_sandboxes_and_staging(wms, pyz, site, tmp_path, c
 def test_kill_reaches_the_payload_within_one_heartbeat(wms, pyz, site, tmp_path, cleanup):
     pid_file = tmp_path / "payload.pid"
     cleanup[1].append(pid_file)
-    job_id = wms.submit(jdl(site, Executable="/bin/sh", Arguments=f"-c 'echo $$ > {pid_file}; exec sleep 120'"))
+    job_id = wms.submit([jdl(site, Executable="/bin/sh", Arguments=f"-c 'echo $$ > {pid_file}; exec sleep 120'")])[0]
     pilot = Pilot(pyz, wms, tmp_path / "pilot", site, "--max-empty-matches", "1")
     cleanup[0].append(pilot)
     wms.wait_status(job_id, ("Running",), 60, minor="Application")
@@ -401,7 +248,7 @@ def test_kill_reaches_the_payload_long_before_the_next_heartbeat(wms, pyz, site,
     """The wrapper long-polls for its job's commands: a Kill does not wait for a ten-minute heartbeat."""
     pid_file = tmp_path / "payload.pid"
     cleanup[1].append(pid_file)
-    job_id = wms.submit(jdl(site, Executable="/bin/sh", Arguments=f"-c 'echo $$ > {pid_file}; exec sleep 300'"))
+    job_id = wms.submit([jdl(site, Executable="/bin/sh", Arguments=f"-c 'echo $$ > {pid_file}; exec sleep 300'")])[0]
     pilot = Pilot(pyz, wms, tmp_path / "pilot", site, "--max-empty-matches", "1", "--heartbeat-interval", "600")
     cleanup[0].append(pilot)
     wms.wait_status(job_id, ("Running",), 60, minor="Application")
@@ -415,8 +262,8 @@ def test_kill_reaches_the_payload_long_before_the_next_heartbeat(wms, pyz, site,
 
 def test_memory_and_wall_clock_limits_are_enforced(wms, pyz, site, tmp_path, cleanup):
     hog = "-c 'import time; b = bytearray(range(256)) * (300 * 4096); time.sleep(120)'"
-    memory_job = wms.submit(jdl(site, Executable="python3", Arguments=hog, MaxRAM=100))
-    wall_job = wms.submit(jdl(site, Executable="/bin/sleep", Arguments="120", MaxWallClockTime=2))
+    memory_job = wms.submit([jdl(site, Executable="python3", Arguments=hog, MaxRAM=100)])[0]
+    wall_job = wms.submit([jdl(site, Executable="/bin/sleep", Arguments="120", MaxWallClockTime=2)])[0]
     pilot = Pilot(pyz, wms, tmp_path / "pilot", site, "--processors", "2", "--max-empty-matches", "2")
     cleanup[0].append(pilot)
     memory = wms.wait_status(memory_job, ("Failed", "Done"), 60)
@@ -435,7 +282,7 @@ def test_multicore_pilot_runs_two_single_core_jobs_at_once(wms, pyz, site, tmp_p
             f"-c 'date +%s.%N > {marks}.start; echo $DIRAC_JOB_PROCESSORS > {marks}.procs; "
             f"sleep 3; date +%s.%N > {marks}.end'"
         )
-        job_ids.append(wms.submit(jdl(site, Executable="/bin/sh", Arguments=command, NumberOfProcessors=1)))
+        job_ids.append(wms.submit([jdl(site, Executable="/bin/sh", Arguments=command, NumberOfProcessors=1)])[0])
     pilot = Pilot(pyz, wms, tmp_path / "pilot", site, "--processors", "2", "--max-empty-matches", "2")
     cleanup[0].append(pilot)
     for job_id in job_ids:
@@ -458,7 +305,7 @@ def test_hostile_input_sandbox_is_refused(wms, pyz, site, tmp_path, cleanup):
     archive.write_bytes(buffer.getvalue())
     sha, size = sha256_file(archive)
     pfn = wms.upload_archive(archive, sha, size)
-    job_id = wms.submit(jdl(site, Executable="/bin/true", InputSandbox=[pfn]))
+    job_id = wms.submit([jdl(site, Executable="/bin/true", InputSandbox=[pfn])])[0]
     pilot = Pilot(pyz, wms, tmp_path / "a" / "b" / "c" / "pilot", site, "--max-empty-matches", "1")
     cleanup[0].append(pilot)
     job = wms.wait_status(job_id, ("Failed", "Done"), 60)
@@ -478,89 +325,76 @@ def test_empty_pilot_is_reported(wms, pyz, site, tmp_path, cleanup):
     assert "no job ever matched" in row["StatusReason"]
 
 
-def test_sigkilled_pilots_job_is_rescheduled_and_completed_by_another(pyz, site, tmp_path, cleanup):
-    wms = make_scheduler(
-        tmp_path / "wms",
-        {
-            "GALAXY_DIRAC_WMS_STALLED_AFTER": "3",
-            "GALAXY_DIRAC_WMS_FAILED_AFTER": "1",
-            "GALAXY_DIRAC_WMS_MAINTENANCE_INTERVAL": "0.5",
-        },
+def test_sigkilled_pilots_job_is_rescheduled_and_completed_by_another(wms_server_factory, pyz, site, tmp_path, cleanup):
+    wms = wms_server_factory("wms", secret=SECRET, stalled_after=3, failed_after=1, maintenance_interval=0.5)
+    pids = tmp_path / "payload.pids"
+    cleanup[1].append(pids)
+    marker = tmp_path / "first-attempt"
+    # The first attempt would run for minutes and leaves a stray in a session of its own; the second finishes.
+    script = (
+        f"if [ -e {marker} ]; then echo finished > result.txt; exit 0; fi; touch {marker}; "
+        f"echo $$ >> {pids}; setsid sleep 300 & echo $! >> {pids}; sleep 300"
     )
-    try:
-        pids = tmp_path / "payload.pids"
-        cleanup[1].append(pids)
-        marker = tmp_path / "first-attempt"
-        # The first attempt would run for minutes and leaves a stray in a session of its own; the second finishes.
-        script = (
-            f"if [ -e {marker} ]; then echo finished > result.txt; exit 0; fi; touch {marker}; "
-            f"echo $$ >> {pids}; setsid sleep 300 & echo $! >> {pids}; sleep 300"
-        )
-        job_id = wms.submit(jdl(site, Executable="/bin/sh", Arguments=f"-c '{script}'", OutputSandbox=["result.txt"]))
-        first = Pilot(pyz, wms, tmp_path / "first", site, "--max-empty-matches", "1")
-        cleanup[0].append(first)
-        wms.wait_status(job_id, ("Running",), 60, minor="Application")
-        wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, 10, "the payload to start")
-        first.kill()  # SIGKILL to the pilot's process group only: the payload runs in a session of its own
-        payload = [int(pid) for pid in pids.read_text().split()]
-        wait_for(lambda: not live(payload), 15, "the payload of the killed pilot to be killed by its guard")
+    job_id = wms.submit([jdl(site, Executable="/bin/sh", Arguments=f"-c '{script}'", OutputSandbox=["result.txt"])])[0]
+    first = Pilot(pyz, wms, tmp_path / "first", site, "--max-empty-matches", "1")
+    cleanup[0].append(first)
+    wms.wait_status(job_id, ("Running",), 60, minor="Application")
+    wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, 10, "the payload to start")
+    first.kill()  # SIGKILL to the pilot's process group only: the payload runs in a session of its own
+    payload = [int(pid) for pid in pids.read_text().split()]
+    wait_for(lambda: not live(payload), 15, "the payload of the killed pilot to be killed by its guard")
 
-        wms.wait_status(job_id, ("Waiting",), 30)
-        second = Pilot(pyz, wms, tmp_path / "second", site, "--max-empty-matches", "2")
-        cleanup[0].append(second)
-        job = wms.wait_status(job_id, ("Done", "Failed"), 60)
-        assert job["Status"] == "Done", job
-        assert second.wait() == 0, second.log()
-        statuses = [h["Status"] for h in job["History"]]
-        assert "Stalled" in statuses and "Rescheduled" in statuses, statuses
-        assert job["RescheduleCounter"] == 1
-        assert wms.output_sandbox(job_id, tmp_path) == {"result.txt": b"finished\n"}
-        assert wms.pilot_row(second.stamp)["MatchedJobs"] == 1
-    finally:
-        wms.stop()
+    wms.wait_status(job_id, ("Waiting",), 30)
+    second = Pilot(pyz, wms, tmp_path / "second", site, "--max-empty-matches", "2")
+    cleanup[0].append(second)
+    job = wms.wait_status(job_id, ("Done", "Failed"), 60)
+    assert job["Status"] == "Done", job
+    assert second.wait() == 0, second.log()
+    statuses = [h["Status"] for h in job["History"]]
+    assert "Stalled" in statuses and "Rescheduled" in statuses, statuses
+    assert job["RescheduleCounter"] == 1
+    assert wms.output_sandbox(job_id, tmp_path) == {"result.txt": b"finished\n"}
+    assert wms.pilot_row(second.stamp)["MatchedJobs"] == 1
 
 
-def test_result_survives_a_scheduler_restart(pyz, site, tmp_path, cleanup):
-    wms = make_scheduler(tmp_path / "wms")
-    try:
-        go = tmp_path / "go"
-        command = f"-c 'while [ ! -e {go} ]; do sleep 0.1; done; echo kept > result.txt'"
-        job_id = wms.submit(jdl(site, Executable="/bin/sh", Arguments=command, OutputSandbox=["result.txt"]))
-        pilot = Pilot(pyz, wms, tmp_path / "pilot", site, "--max-empty-matches", "3", "--outbox-timeout", "120")
-        cleanup[0].append(pilot)
-        wms.wait_status(job_id, ("Running",), 60, minor="Application")
+def test_result_survives_a_scheduler_restart(wms_server_factory, pyz, site, tmp_path, cleanup):
+    wms = wms_server_factory("wms", secret=SECRET)
+    go = tmp_path / "go"
+    command = f"-c 'while [ ! -e {go} ]; do sleep 0.1; done; echo kept > result.txt'"
+    job_id = wms.submit([jdl(site, Executable="/bin/sh", Arguments=command, OutputSandbox=["result.txt"])])[0]
+    pilot = Pilot(pyz, wms, tmp_path / "pilot", site, "--max-empty-matches", "3", "--outbox-timeout", "120")
+    cleanup[0].append(pilot)
+    wms.wait_status(job_id, ("Running",), 60, minor="Application")
 
-        wms.stop()
-        go.touch()
-        record = tmp_path / "pilot" / "outbox" / f"job-{job_id}.json"
+    wms.stop()
+    go.touch()
+    record = tmp_path / "pilot" / "outbox" / f"job-{job_id}.json"
 
-        def final_status_on_disk() -> bool:
-            if not record.exists():
-                return False
-            steps = json.loads(record.read_text())["steps"]
-            return any(s["op"] == "status" and s["update"].get("Status") == "Done" for s in steps)
+    def final_status_on_disk() -> bool:
+        if not record.exists():
+            return False
+        steps = json.loads(record.read_text())["steps"]
+        return any(s["op"] == "status" and s["update"].get("Status") == "Done" for s in steps)
 
-        wait_for(final_status_on_disk, 30, "the pilot to keep the final status on disk")
-        assert (tmp_path / "pilot" / "outbox" / f"job-{job_id}-output.tar.bz2").exists()
-        assert pilot.process.poll() is None, pilot.log()
+    wait_for(final_status_on_disk, 30, "the pilot to keep the final status on disk")
+    assert (tmp_path / "pilot" / "outbox" / f"job-{job_id}-output.tar.bz2").exists()
+    assert pilot.process.poll() is None, pilot.log()
 
-        wms.start()
-        job = wms.wait_status(job_id, ("Done", "Failed"), 60)
-        assert job["Status"] == "Done", job
-        assert pilot.wait() == 0, pilot.log()
-        done = [h for h in job["History"] if h["Status"] == "Done"]
-        assert len(done) == 1, job["History"]
-        assert wms.output_sandbox(job_id, tmp_path) == {"result.txt": b"kept\n"}
-        assert not record.exists()
-        assert wms.pilot_row(pilot.stamp)["MatchedJobs"] == 1
-    finally:
-        wms.stop()
+    wms.start()
+    job = wms.wait_status(job_id, ("Done", "Failed"), 60)
+    assert job["Status"] == "Done", job
+    assert pilot.wait() == 0, pilot.log()
+    done = [h for h in job["History"] if h["Status"] == "Done"]
+    assert len(done) == 1, job["History"]
+    assert wms.output_sandbox(job_id, tmp_path) == {"result.txt": b"kept\n"}
+    assert not record.exists()
+    assert wms.pilot_row(pilot.stamp)["MatchedJobs"] == 1
 
 
 def test_sigterm_hands_running_jobs_back(wms, pyz, site, tmp_path, cleanup):
     pid_file = tmp_path / "payload.pid"
     cleanup[1].append(pid_file)
-    job_id = wms.submit(jdl(site, Executable="/bin/sh", Arguments=f"-c 'echo $$ > {pid_file}; exec sleep 120'"))
+    job_id = wms.submit([jdl(site, Executable="/bin/sh", Arguments=f"-c 'echo $$ > {pid_file}; exec sleep 120'")])[0]
     pilot = Pilot(pyz, wms, tmp_path / "pilot", site)
     cleanup[0].append(pilot)
     wms.wait_status(job_id, ("Running",), 60, minor="Application")
@@ -583,7 +417,7 @@ def test_long_polling_pilot_gets_a_job_queued_while_it_waits(wms, pyz, site, tmp
     registered = {"stamp": pilot.stamp, "status": "Running"}
     wait_for(lambda: wms.api("GET", "/api/x-embedded/pilots", params=registered), 30, "pilot registration")
     time.sleep(1.0)  # the pilot is now inside its first long poll
-    job_id = wms.submit(jdl(site, Executable="/bin/true"))
+    job_id = wms.submit([jdl(site, Executable="/bin/true")])[0]
     queued = time.monotonic()
     wms.wait_status(job_id, ("Matched", "Running", "Completing", "Done"), timeout=25)
     assert time.monotonic() - queued < 25, "the long poll did not wake up for the new job"

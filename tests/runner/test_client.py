@@ -1,11 +1,13 @@
-"""galaxy_dirac.client against the real scheduler process (no Galaxy)."""
+"""galaxy_dirac.client against the real scheduler process (no Galaxy): what the contract suite does not cover.
+
+Bulk submission, kill, reschedule and sandboxes are in tests/contract/test_client_contract.py, which runs them
+against this same scheduler (and a real DiracX); here are errors, token files and refreshable logins.
+"""
 
 from __future__ import annotations
 
-import io
 import json
 import stat
-import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -14,26 +16,17 @@ from typing import Any
 import pytest
 
 from galaxy_dirac.client import LoginExpired, WMSClient, WMSError
+from galaxy_dirac.wms.auth import create_refresh_token
+from tests.jdl import jdl_text
 
 
-def _jdl(tag: str, n: int, extra: str = "") -> str:
-    return f'Executable = "/bin/echo"; Arguments = "{n}"; JobName = "{tag}-{n}"; JobGroup = "{tag}";{extra}'
+def _jdl(tag: str, n: int) -> str:
+    return jdl_text(brackets=False, Executable="/bin/echo", Arguments=str(n), JobName=f"{tag}-{n}", JobGroup=tag)
 
 
 @pytest.fixture
 def client(wms_server: Any) -> WMSClient:
     return WMSClient(wms_server.url, wms_server.token("runner", "alice", "galaxy_user"), retries=1, backoff=0.1)
-
-
-def test_submit_chunks_and_groups_and_keeps_order(client: WMSClient) -> None:
-    tag = uuid.uuid4().hex[:8]
-    jdls = [_jdl(tag, n, ' Site = "Local.test";' if n % 3 == 0 else "") for n in range(45)]
-    jobs = client.submit(jdls)
-    assert len(jobs) == 45
-    ids = [job["JobID"] for job in jobs]
-    assert len(set(ids)) == 45
-    rows = client.statuses(ids, ["JobID", "JobName"])
-    assert [rows[i]["JobName"] for i in ids] == [f"{tag}-{n}" for n in range(45)]
 
 
 def test_search_follows_pages(client: WMSClient) -> None:
@@ -42,34 +35,6 @@ def test_search_follows_pages(client: WMSClient) -> None:
     rows = client.search([{"parameter": "JobGroup", "operator": "eq", "value": tag}], ["JobID"], per_page=3)
     assert [r["JobID"] for r in rows] == ids
     assert set(client.statuses(ids, batch=2)) == set(ids)
-
-
-def test_kill_and_reschedule(client: WMSClient) -> None:
-    tag = uuid.uuid4().hex[:8]
-    first, second = (job["JobID"] for job in client.submit([_jdl(tag, 1), _jdl(tag, 2)]))
-    result = client.kill([first])
-    assert str(first) in result["success"]
-    assert client.statuses([first])[first]["Status"] == "Killed"
-    again = client.reschedule([second])
-    assert again["success"][str(second)]["RescheduleCounter"] == 1
-
-
-def test_sandbox_up_and_down(client: WMSClient, tmp_path: Path) -> None:
-    payload = f"hello {uuid.uuid4()}\n".encode()
-    archive = tmp_path / "sb.tar.bz2"
-    with tarfile.open(archive, "w:bz2") as tf:
-        info = tarfile.TarInfo("hello.txt")
-        info.size = len(payload)
-        tf.addfile(info, io.BytesIO(payload))
-    pfn = client.upload_sandbox(str(archive))
-    assert pfn.startswith("SB:") and client.upload_sandbox(str(archive)) == pfn  # dedup: second upload sends nothing
-    assert client.download_sandbox(pfn) == archive.read_bytes()
-    job_id = client.submit([f'Executable = "/bin/cat"; Arguments = "hello.txt"; InputSandbox = {{"{pfn}"}};'])[0][
-        "JobID"
-    ]
-    client.request("PATCH", f"api/jobs/{job_id}/sandbox/output", json=pfn)
-    (blob,) = client.download_output_sandboxes(job_id)
-    assert blob.getvalue() == archive.read_bytes()
 
 
 def test_errors_are_clear(client: WMSClient, wms_server: Any) -> None:
@@ -99,16 +64,12 @@ def test_token_file_is_reread(wms_server: Any, tmp_path: Path) -> None:
 
 
 def _credentials(wms_server: Any, path: Path, *, expires_on: float, access: str = "", refresh: str = "") -> Path:
-    from galaxy_dirac.wms.auth import create_refresh_token
-    from galaxy_dirac.wms.config import load_settings
-
     token = wms_server.token("runner", "alice", "galaxy_user")
-    key = load_settings(environ=wms_server.env).signing_key()
     path.write_text(
         json.dumps(
             {
                 "access_token": access or token,
-                "refresh_token": refresh or create_refresh_token(key, token),
+                "refresh_token": refresh or create_refresh_token(wms_server.key, token),
                 "expires_on": int(expires_on),
             }
         )

@@ -12,6 +12,7 @@ from galaxy_dirac.wms import jobs
 from galaxy_dirac.wms.auth import Principal
 from galaxy_dirac.wms.config import Settings, load_settings
 from galaxy_dirac.wms.db import Jobs, create_schema, make_engine, read_transaction
+from tests.jdl import jdl_text  # also imported from here by the scheduler tests
 
 ALICE = Principal(role="runner", owner="alice", group="galaxy_user", vo="galaxy")
 BOB = Principal(role="runner", owner="bob", group="galaxy_user", vo="galaxy")
@@ -26,19 +27,6 @@ def make_db(db_url: str) -> Engine:
     engine = make_engine(db_url)
     create_schema(engine)
     return engine
-
-
-def jdl_text(**attrs: Any) -> str:
-    attrs.setdefault("Executable", "/bin/true")
-    parts = []
-    for name, value in attrs.items():
-        if isinstance(value, (list, tuple)):
-            parts.append(f"{name} = {{{', '.join(repr(str(v)).replace(chr(39), chr(34)) for v in value)}}};")
-        elif isinstance(value, str):
-            parts.append(f'{name} = "{value}";')
-        else:
-            parts.append(f"{name} = {value};")
-    return "[ " + " ".join(parts) + " ]"
 
 
 def submit(engine: Engine, settings: Settings, n: int = 1, principal: Principal = ALICE, **attrs: Any) -> list[int]:

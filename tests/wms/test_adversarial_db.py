@@ -35,8 +35,7 @@ def test_a_backtracking_regex_does_not_freeze_the_server(wms_server_factory: Any
     """``^(a|a)*$`` against a 29-character JobName ran Python's re for ~17 s inside the server (SQLite), holding
     every other request; now it is refused at once and the server keeps answering."""
     server = wms_server_factory("freeze", maintenance_interval=0)
-    key = (server.home / "secret").read_text().strip().encode()
-    runner = bearer(key)
+    runner = bearer(server.key)
     names = ["a" * 27] * 3  # ~4 s each for Python's re: 29 characters took 17 s
     response = requests.post(f"{server.url}/api/jobs/jdl", headers=runner,
                              json=[jdl_text(JobName=n) for n in names], timeout=30)

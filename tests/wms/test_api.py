@@ -27,6 +27,7 @@ from galaxy_dirac.wms.auth import create_token, verify_token
 from galaxy_dirac.wms.db import JobToPilotMapping, make_engine, read_transaction
 from galaxy_dirac.wms.sandboxes import make_ticket
 from tests.conftest import WMSServer, fresh_database
+from tests.jdl import jdl_text
 
 MAX_SANDBOX = 64 * 1024
 TIMEOUT = 30
@@ -41,13 +42,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WMSServer]:
     srv.stop()
 
 
-def signing_key(server: WMSServer) -> bytes:
-    return (server.home / "secret").read_text().strip().encode()
-
-
 @dataclass
 class Api:
-    """Requests against one server, with tokens of the test's own owner, group, site and pilot stamps."""
+    """Requests against one server, with tokens of the test's own owner, group, site and pilot stamps.
+
+    An adapter, not a second server wrapper: it keeps each test's jobs to its own owner and site on the module's
+    shared :class:`WMSServer`, and hands back raw responses because these tests check refusals.
+    """
 
     server: WMSServer
     owner: str
@@ -58,7 +59,7 @@ class Api:
         return self.server.url
 
     def token(self, role: str, owner: str = "", group: str = "galaxy_user", **claims: Any) -> str:
-        return create_token(signing_key(self.server), role=role, owner=owner or self.owner, group=group, **claims)
+        return create_token(self.server.key, role=role, owner=owner or self.owner, group=group, **claims)
 
     def headers(self, role: str = "runner", owner: str = "", **claims: Any) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(role, owner, **claims)}"}
@@ -69,17 +70,8 @@ class Api:
         return response
 
     def jdl(self, **attrs: Any) -> str:
-        attrs.setdefault("Executable", "/bin/true")
         attrs.setdefault("Site", self.site)  # every job of this module names its test's site: no cross-test matches
-        parts = []
-        for name, value in attrs.items():
-            if isinstance(value, list):
-                parts.append(f"{name} = {{{', '.join(f'{v!r}'.replace(chr(39), chr(34)) for v in value)}}};")
-            elif isinstance(value, str):
-                parts.append(f'{name} = "{value}";')
-            else:
-                parts.append(f"{name} = {value};")
-        return "[ " + " ".join(parts) + " ]"
+        return jdl_text(**attrs)
 
     def submit(self, n: int = 1, owner: str = "", **attrs: Any) -> list[int]:
         response = self.call("POST", "/api/jobs/jdl", self.headers("runner", owner), json=[self.jdl(**attrs)] * n)
@@ -169,7 +161,7 @@ def detail(response: requests.Response) -> str:
 
 # --- authentication ---------------------------------------------------------------------------------------------------
 def _bad_credentials(server: WMSServer) -> dict[str, tuple[dict[str, str], str]]:
-    key = signing_key(server)
+    key = server.key
     other = create_token(b"another-servers-secret-0123456789abcdef", role="runner", owner="mallory")
     expired = create_token(key, role="runner", owner="mallory", lifetime=-60)
     wizard = jwt.encode(
@@ -268,7 +260,7 @@ def test_job_token_acts_on_its_own_job_until_rescheduled(api: Api) -> None:
     first, second = api.submit(2)
     job_id, job = api.match_token()
     assert job_id == first  # oldest first within one task queue
-    claims = verify_token(signing_key(api.server), job["Authorization"].split()[1])
+    claims = verify_token(api.server.key, job["Authorization"].split()[1])
     assert (claims.role, claims.job_id, claims.owner, claims.run) == ("job", first, api.owner, 0)
 
     assert api.heartbeat(job, first, CPUConsumed=1.5, StandardOutput="hello\n").json() == []
@@ -625,7 +617,7 @@ def test_sandbox_tickets_cannot_be_tampered_with_or_reused_after_expiry(api: Api
     body, signature = ticket.split(".")
     flipped = signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]
     other_key = make_ticket(b"another-secret", answer["fields"]["key"], "upload", 600, {"size": len(data)})
-    key = signing_key(api.server)
+    key = api.server.key
     principal = {"role": "runner", "owner": api.owner, "group": "galaxy_user", "vo": "galaxy"}
     expired = make_ticket(key, answer["fields"]["key"], "upload", 60,
                           {"size": len(data), "pfn": answer["pfn"].split("|", 1)[1], "principal": principal},

@@ -17,6 +17,7 @@ import requests
 from galaxy_dirac.wms.auth import verify_token
 from galaxy_dirac.wms.config import ConfigError, load_settings
 from tests.conftest import WMSServer
+from tests.jdl import jdl_text
 
 SCRIPT = Path(sys.executable).parent / "galaxy-dirac-wms"
 
@@ -49,10 +50,6 @@ def test_serve_logs_each_line_once(server: WMSServer) -> None:
     assert log.count("Application startup complete") == 1, log
 
 
-def key_of(server: WMSServer) -> bytes:
-    return (server.home / "secret").read_text().strip().encode()
-
-
 # --- tokens --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("role", ["admin", "runner", "reader", "pilot"])
 def test_token_create_prints_only_a_token_the_server_accepts(server: WMSServer, role: str) -> None:
@@ -61,7 +58,7 @@ def test_token_create_prints_only_a_token_the_server_accepts(server: WMSServer, 
     assert done.stderr == ""
     lines = done.stdout.splitlines()
     assert len(lines) == 1 and done.stdout == lines[0] + "\n"
-    principal = verify_token(key_of(server), lines[0])
+    principal = verify_token(server.key, lines[0])
     assert (principal.role, principal.owner, principal.group, principal.vo) == (role, "alice", "galaxy_user", "galaxy")
 
     headers = {"Authorization": f"Bearer {lines[0]}"}
@@ -74,7 +71,7 @@ def test_token_create_prints_only_a_token_the_server_accepts(server: WMSServer, 
 
 def test_token_defaults_and_lifetime(server: WMSServer) -> None:
     done = run("token", "create", "--role", "pilot", "--lifetime", "120", env=server.env)
-    claims = jwt.decode(done.stdout.strip(), key_of(server), algorithms=["HS256"], issuer="galaxy-dirac-wms")
+    claims = jwt.decode(done.stdout.strip(), server.key, algorithms=["HS256"], issuer="galaxy-dirac-wms")
     assert claims["exp"] - claims["iat"] == 120
     assert (claims["sub"], claims["role"], claims["dirac_group"]) == ("pilot", "pilot", "galaxy_pilot")
 
@@ -100,7 +97,7 @@ def populated(server: WMSServer) -> dict[str, Any]:
     owner, site = f"cli{tag}", f"SITE.{tag}.org"
     runner = {"Authorization": f"Bearer {server.token('runner', owner, 'galaxy_user')}"}
     pilot = {"Authorization": f"Bearer {server.token('pilot')}"}
-    jdls = [f'[ Executable = "/bin/true"; JobName = "cli-{i}"; Site = "{site}"; ]' for i in range(3)]
+    jdls = [jdl_text(JobName=f"cli-{i}", Site=site) for i in range(3)]
     submitted = requests.post(f"{server.url}/api/jobs/jdl", headers=runner, json=jdls, timeout=30)
     assert submitted.status_code in (200, 201), submitted.text
     ids = [j["JobID"] for j in submitted.json()]
