@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from galaxy_dirac.wms import jobs as wms_jobs  # noqa: E402
-from galaxy_dirac.wms import pilots, taskqueues  # noqa: E402
-from galaxy_dirac.wms.auth import Principal  # noqa: E402
+from galaxy_dirac.wms import monitoring, pilots, taskqueues  # noqa: E402
+from galaxy_dirac.wms.auth import Principal, create_pilot_tokens  # noqa: E402
 from galaxy_dirac.wms.config import Settings  # noqa: E402
 from galaxy_dirac.wms.db import create_schema, make_engine, read_transaction  # noqa: E402
 from sitedirector import policy  # noqa: E402
 from sitedirector.ce.base import ComputingElement, PilotRef, PilotStatus  # noqa: E402
 from sitedirector.config import parse  # noqa: E402
-from sitedirector.director import Director  # noqa: E402
+from sitedirector.director import Director, decision_records  # noqa: E402
 
 CPU_TIMES = (3600, 86400, 172800)
 TAGS = ("", "GPU", "4Processors")
@@ -60,6 +60,10 @@ class InProcessClient:
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+        monitoring.ensure_schema(engine)
+
+    def report_decisions(self, decisions: Sequence[Any]) -> None:
+        monitoring.record_decisions(self.engine, decision_records(decisions), "benchmark")
 
     def demand(self) -> list[dict]:
         with read_transaction(self.engine) as conn:
@@ -76,6 +80,10 @@ class InProcessClient:
 
     def set_status(self, stamp: str, status: str, reason: str = "") -> None:
         pilots.set_status(self.engine, stamp, status, reason)
+
+    def pilot_tokens(self, stamps: Sequence[str], site: str, lifetime: float | None = None) -> dict[str, str]:
+        key = b"a benchmark's signing key, 32 bytes or more"
+        return create_pilot_tokens(key, list(stamps), site=site, vo="galaxy", lifetime=lifetime or 3600)
 
 
 def fill(db_url: str, n_jobs: int, n_queues: int) -> int:
@@ -146,7 +154,7 @@ def main() -> int:
 
             server = WMSServer(Path(tmp) / "wms", db=db_url).start()
             client: Any = None
-            cfg = config(args.queues, server.url, server.token("pilot"), f"{tmp}/work")
+            cfg = config(args.queues, server.url, server.token("director"), f"{tmp}/work")
         else:
             client = InProcessClient(make_engine(db_url))
             cfg = config(args.queues, "http://in-process", "unused", f"{tmp}/work")

@@ -45,9 +45,9 @@ class SiteDirector:
 
     def __init__(self, wms: WMSServer, home: Path) -> None:
         home.mkdir(parents=True, exist_ok=True)
-        (home / "pilot.token").write_text(wms.token("pilot") + "\n")
+        (home / "director.token").write_text(wms.token("director") + "\n")
         config = {
-            "scheduler": {"url": wms.url, "token_file": "pilot.token"},
+            "scheduler": {"url": wms.url, "token_file": "director.token"},
             "cycle_interval": 2,
             "boot_grace": 30,
             "work_dir": str(home / "work"),

@@ -1,8 +1,13 @@
 """What a pilot needs on a bare worker node or VM, in one piece of text.
 
-The wrapper is a bash script carrying the stdlib pilot zipapp and the pilot token (zlib-compressed,
-base64) and needs nothing but bash and python3 on the node, so it works through a CE's input sandbox, as a
-batch script, or inside cloud-init. The token goes to a mode-0600 file, never to the command line (``ps``).
+The wrapper is a bash script carrying the stdlib pilot zipapp (zlib-compressed, base64) and needs nothing but
+bash and python3 on the node, so it works through a CE's input sandbox, as a batch script, or inside cloud-init.
+
+Every pilot carries a token of its own (:meth:`Bundle.issue`, minted by the scheduler for its stamp and site), so
+a worker node that leaks its token leaks one pilot, not every pilot of the site. A wrapper for one stamp embeds
+that stamp's token; the one script a whole HTCondor cluster or ARC batch shares (stamp as ``$1``) embeds none and
+reads ``pilot-token-<stamp>``, which the CE delivers beside it as an input file. Either way the token ends in a
+mode-0600 file in the pilot's private work dir, never on a command line (``ps``) or in a job ad.
 The cloud-init user data runs that wrapper as an unprivileged user and powers the VM off when it returns,
 which is how an OpenStack VM tells the director its pilot has finished (SHUTOFF → reaped).
 """
@@ -16,7 +21,7 @@ import io
 import shlex
 import zipfile
 import zlib
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
@@ -25,6 +30,13 @@ from galaxy_dirac.pilot.build import pilot_sources, zipapp_bytes
 #: The unprivileged account VMs run the pilot as.
 VM_USER = "pilot"
 WRAPPER_PATH = "/opt/galaxy-dirac/pilot-wrapper.sh"
+#: What a CE names the per-pilot token file it delivers beside a shared wrapper (:func:`token_file`).
+TOKEN_FILE_PREFIX = "pilot-token-"
+
+
+def token_file(stamp: str) -> str:
+    """The name of the file carrying pilot ``stamp``'s token into the job's initial working directory."""
+    return TOKEN_FILE_PREFIX + stamp
 
 
 @functools.lru_cache(maxsize=4)
@@ -69,13 +81,24 @@ work="$(mktemp -d "$base/gdpilot.XXXXXXXX")" || exit 71
 child=""
 trap 'rm -rf "$work"' EXIT
 trap 'if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; fi' TERM INT
-"$py" - "$work" <<'GALAXY_DIRAC_PAYLOAD' || exit 72
+"$py" - "$work" {stamp} <<'GALAXY_DIRAC_PAYLOAD' || exit 72
 import base64, os, sys, zlib
-work = sys.argv[1]
-for name, blob in (("pilot.pyz", "{zipapp}"), ("token", "{token}")):
+work, stamp = sys.argv[1], sys.argv[2]
+token = zlib.decompress(base64.b64decode("{token}"))
+delivered = "{token_prefix}" + stamp
+if os.path.isfile(delivered):
+    with open(delivered, "rb") as stream:
+        token = stream.read().strip()
+    try:
+        os.unlink(delivered)
+    except OSError as exc:
+        print("pilot wrapper: cannot delete", delivered, exc, file=sys.stderr)
+if not token:
+    sys.exit("pilot wrapper: no pilot token: " + delivered + " was not delivered beside the wrapper")
+for name, data in (("pilot.pyz", zlib.decompress(base64.b64decode("{zipapp}"))), ("token", token)):
     fd = os.open(os.path.join(work, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
-        out.write(zlib.decompress(base64.b64decode(blob)))
+        out.write(data)
 GALAXY_DIRAC_PAYLOAD
 mkdir "$work/run" || exit 71
 cd "$work/run" || exit 71
@@ -96,11 +119,34 @@ class Bundle:
 
     def __init__(self, url: str, token: str, queue: Any, pilot: Any, zipapp: Optional[bytes] = None) -> None:
         self.url = url
+        #: The shared token pilots carry when no per-pilot tokens were issued (an older scheduler).
         self.token = token
         self.queue = queue
         self.pilot = pilot
         self.zipapp = zipapp if zipapp is not None else _default_zipapp()
         self._payload = zipapp if zipapp is not None else _solid_pilot()
+        self._tokens: Optional[dict[str, str]] = None
+
+    def issue(self, tokens: Optional[Mapping[str, str]]) -> None:
+        """Set the tokens (stamp → token) of the pilots about to be submitted, replacing the previous batch's;
+        ``None``: none could be minted, the pilots carry the shared :attr:`token`."""
+        self._tokens = None if tokens is None else dict(tokens)
+
+    def token_for(self, stamp: str) -> str:
+        """Pilot ``stamp``'s token; never another pilot's (a stamp without one is a bug, not a fallback)."""
+        if self._tokens is None:
+            return self.token
+        try:
+            return self._tokens[stamp]
+        except KeyError:
+            raise KeyError(f"no token was issued for pilot {stamp}") from None
+
+    def token_files(self, stamps: Sequence[str]) -> dict[str, str]:
+        """stamp → token for the CE to deliver as :func:`token_file` beside :meth:`wrapper` ``(None)``; empty
+        when no per-pilot tokens were issued (that wrapper then embeds the shared token)."""
+        if self._tokens is None:
+            return {}
+        return {stamp: self.token_for(stamp) for stamp in stamps}
 
     def pilot_args(self, stamp: str) -> list[str]:
         """The pilot's options for this queue, without the token."""
@@ -122,22 +168,27 @@ class Bundle:
         ]  # fmt: skip
         return args + list(p.extra_args)
 
-    def pilot_env(self) -> dict[str, str]:
-        """Environment that passes the token to a locally started pilot."""
-        return {"GALAXY_DIRAC_PILOT_TOKEN": self.token}
+    def pilot_env(self, stamp: str) -> dict[str, str]:
+        """Environment that passes pilot ``stamp``'s token to a locally started pilot."""
+        return {"GALAXY_DIRAC_PILOT_TOKEN": self.token_for(stamp)}
 
     def wrapper(self, stamp: Optional[str] = None) -> str:
-        """The bash pilot wrapper for one pilot; with no ``stamp`` it takes the stamp as its first argument,
-        so one script serves a whole HTCondor cluster (``arguments = $(stamp)``)."""
+        """The bash pilot wrapper for one pilot, carrying its token; with no ``stamp`` it takes the stamp as its
+        first argument, so one script serves a whole HTCondor cluster (``arguments = $(stamp)``), and reads the
+        token from the :func:`token_file` the CE delivers beside it (it embeds only a shared token)."""
         if stamp is None:
             args = " ".join(shlex.quote(a) for a in self.pilot_args(_STAMP_SLOT)).replace(_STAMP_SLOT, '"$1"')
+            token = self.token if self._tokens is None else ""
         else:
             args = " ".join(shlex.quote(a) for a in self.pilot_args(stamp))
+            token = self.token_for(stamp)
         return _WRAPPER.format(
             queue=self.queue.name,
             python=self.pilot.python,
             zipapp=_packed(self._payload),
-            token=base64.b64encode(zlib.compress(self.token.encode(), 9)).decode("ascii"),
+            token=base64.b64encode(zlib.compress(token.encode(), 9)).decode("ascii"),
+            token_prefix=TOKEN_FILE_PREFIX,
+            stamp='"$1"' if stamp is None else shlex.quote(stamp),
             args=args,
             check_stamp=_CHECK_STAMP if stamp is None else "",
         )

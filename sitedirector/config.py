@@ -1,7 +1,13 @@
 """The SiteDirector's YAML configuration, validated once at start.
 
-Every error names the offending key (``queues[2].max_waiting: must be an integer >= 0``) because the
-daemon is configured by hand and a vague error at 3 a.m. costs more than the validation code.
+Every error names the offending key by its path (``queues.2.options.keep_finished: Extra inputs are not
+permitted``) because the daemon is configured by hand and a vague error at 3 a.m. costs more than the validation
+code. Each backend declares its own ``Options`` model (:mod:`sitedirector.ce`), so a queue's ``options`` are
+checked against the model of its ``type``.
+
+Sources stack as for the scheduler (:func:`galaxy_dirac.configfile.overlay`): defaults < the YAML file <
+``SITEDIRECTOR_*`` variables (``SITEDIRECTOR_TOKEN`` is ``scheduler.token``; ``SITEDIRECTOR_CYCLE_INTERVAL``,
+``SITEDIRECTOR_WORK_DIR`` ... the top-level settings) < command-line overrides.
 """
 
 from __future__ import annotations
@@ -10,16 +16,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
-import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .ce.base import CE_TYPES
+from galaxy_dirac.configfile import ConfigError, Layer, NestedError, env_layer, overlay, read_yaml
 
+from .ce.base import CEError, ce_class
 
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
+__all__ = ["ConfigError", "Config", "Credential", "PilotSettings", "QueueConfig", "load", "parse"]
 
+ENV_PREFIX = "SITEDIRECTOR_"
 
 CREDENTIAL_TYPES = {
     # HTCondorCE and ARC (scitoken: a file holding any WLCG/SciToken JWT)
@@ -31,10 +38,16 @@ CREDENTIAL_TYPES = {
     "oidc_access_token": ("auth_url", "identity_provider", "protocol"),  # v3oidcaccesstoken
 }
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
 
 @dataclass
 class Credential:
-    """A named credential; ``values`` keeps every key from the YAML (backends read what they need)."""
+    """A named credential; ``values`` keeps every key from the YAML (backends read what they need).
+
+    Not a model: tests and backends build partial ones to exercise their own error paths; the config checks the
+    keys each type needs when it reads them (:func:`_credential`).
+    """
 
     name: str
     type: str
@@ -45,62 +58,206 @@ class Credential:
         return self.values.get(key, default)
 
 
-@dataclass
-class QueueConfig:
+def _credential(name: str, data: Any) -> Credential:
+    if isinstance(data, Credential):
+        return data
+    if not isinstance(data, dict):
+        raise NestedError([((name,), "must be a mapping")])
+    ctype = data.get("type")
+    if not ctype:
+        raise NestedError([((name, "type"), "required")])
+    if ctype not in CREDENTIAL_TYPES:
+        raise NestedError(
+            [((name, "type"), f"unknown credential type {ctype!r} (known: {', '.join(CREDENTIAL_TYPES)})")]
+        )
+    missing = [key for key in CREDENTIAL_TYPES[ctype] if data.get(key) in (None, "")]
+    if ctype == "oidc_access_token" and not (data.get("access_token") or data.get("access_token_file")):
+        missing.append("access_token")
+    if missing:
+        raise NestedError([((name, key), "required" + (" (or access_token_file)" if key == "access_token" else ""))
+                           for key in missing])  # fmt: skip
+    return Credential(name=name, type=str(ctype), values={k: v for k, v in data.items() if k != "type"})
+
+
+def _words(value: Any) -> Any:
+    """``"GPU, Docker"`` → ``["GPU", "Docker"]``: lists of words may be written as one string."""
+    return [v for v in re.split(r"[,\s]+", value) if v] if isinstance(value, str) else value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QueueConfig(_Model):
     """One SiteDirector queue: where pilots go and how many.
 
-    ``options`` holds backend-specific keys untouched (flavor/image/network for OpenStack,
-    ``grid_resource``/``pool`` for HTCondorCE, ``slots`` for local).
+    ``options`` are the backend's own keys (flavor/image/network for OpenStack, ``pool``/``mode`` for
+    HTCondorCE, ``slots`` for local), checked against the backend's ``Options`` model and kept as the mapping
+    given (the director adds ``work_dir``); the backend reads them through ``ComputingElement.read_options``.
     """
 
     name: str
     type: str
-    site: str
-    ce: str
+    site: str = Field(min_length=1)
+    #: The CE host as PilotAgents records it; default the endpoint, else ``localhost``.
+    ce: str = ""
     endpoint: str = ""
     queue: str = ""
     platform: str = ""
-    tags: list[str] = field(default_factory=list)
-    processors: int = 1
-    memory: int = 0  # MB offered per pilot; 0 = unlimited
-    cpu_time: int = 0  # seconds; 0 = unlimited
-    max_total: int = 10
-    max_waiting: int = 5
-    per_cycle: int = 10
+    tags: list[str] = Field(default_factory=list)
+    processors: int = Field(1, ge=1)
+    memory: int = Field(0, ge=0)  # MB offered per pilot; 0 = unlimited
+    cpu_time: int = Field(0, ge=0)  # seconds; 0 = unlimited
+    max_total: int = Field(10, ge=0)
+    max_waiting: int = Field(5, ge=0)
+    per_cycle: int = Field(10, ge=0)
+    #: In the YAML the name of an entry under ``credentials:``.
     credentials: Optional[Credential] = None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def ce_queue(self) -> str:
         """Queue name as the scheduler sees it (PilotAgents.Queue)."""
         return self.queue or self.name
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r} must be letters, digits, '_', '.', '-' (max 64)")
+        return value
 
-@dataclass
-class PilotSettings:
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        try:
+            ce_class(value)
+        except CEError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tags(cls, value: Any) -> Any:
+        return _words(value)
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, value: Any, info: ValidationInfo) -> Any:
+        """Checked against the ``Options`` of the queue's type (not at all if the type itself is wrong)."""
+        value = {} if value is None else value
+        if "type" not in info.data or not isinstance(value, dict):
+            return value
+        try:
+            ce_class(info.data["type"]).Options.model_validate(value)
+        except ValidationError as exc:
+            raise NestedError.of(exc) from None
+        return value
+
+    @model_validator(mode="after")
+    def _default_ce(self) -> QueueConfig:
+        self.ce = self.ce or self.endpoint or "localhost"
+        return self
+
+
+def _queue_problem(q: QueueConfig) -> Optional[tuple[str, str]]:
+    """(key, message) if the queue lacks what its type needs to reach a CE.
+
+    Checked for a whole configuration only: tests build partial queues to drive one backend method.
+    """
+    if q.type in ("htcondorce", "openstack", "arc") and not q.endpoint:
+        hint = " (the A-REX URL, e.g. https://ce.example.org/arex)" if q.type == "arc" else ""
+        return "endpoint", f"required for type {q.type}{hint}"
+    if q.type != "arc":
+        return None
+    from .ce.arc import ARC_CREDENTIALS, normalise_endpoint
+
+    try:
+        normalise_endpoint(q.endpoint)
+    except ValueError as exc:
+        return "endpoint", str(exc)
+    if not q.queue:
+        return "queue", "required for type arc (the CE's batch queue, e.g. the ComputingShare name)"
+    kinds = " or ".join(ARC_CREDENTIALS)
+    if q.credentials is None:
+        return "credentials", f"required for type arc (a credential of type {kinds})"
+    if q.credentials.type not in ARC_CREDENTIALS:
+        return "credentials", (
+            f"{q.credentials.name!r} is of type {q.credentials.type!r}; "
+            f"an ARC queue takes {kinds} (a proxy file or a token file)"
+        )
+    return None
+
+
+class PilotSettings(_Model):
     """How the pilots a bundle launches behave."""
 
     python: str = "python3"
-    heartbeat_interval: int = 60
-    max_idle: int = 120
-    max_empty_matches: int = 3
-    extra_args: list[str] = field(default_factory=list)
+    heartbeat_interval: int = Field(60, ge=1)
+    max_idle: int = Field(120, ge=0)
+    max_empty_matches: int = Field(3, ge=1)
+    extra_args: list[str] = Field(default_factory=list)
+
+    @field_validator("extra_args", mode="before")
+    @classmethod
+    def _args(cls, value: Any) -> Any:
+        return _words(value)
 
 
-@dataclass
-class Config:
-    """The whole, validated configuration."""
+class Scheduler(_Model):
+    """Where the scheduler is and the director token to ask it with (``token`` beats ``token_file``)."""
 
     url: str
-    token: str
-    queues: list[QueueConfig]
-    cycle_interval: float = 120.0
-    backoff_cycles: int = 3
-    unknown_timeout: float = 3600.0
-    boot_grace: float = 600.0
+    token: str = ""
+    token_file: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _token(self, info: ValidationInfo) -> Scheduler:
+        """A relative ``token_file`` is read relative to the config file's directory."""
+        if not self.token and self.token_file:
+            path = Path(self.token_file)
+            base_dir = (info.context or {}).get("base_dir")
+            if base_dir is not None and not path.is_absolute():
+                path = Path(base_dir) / path
+            try:
+                self.token = path.read_text().strip()
+            except OSError as exc:
+                raise NestedError([(("token_file",), f"cannot read {path}: {exc.strerror}")]) from None
+        if not self.token:
+            raise NestedError([(("token",), "required (a pilot-role token, or token_file, or $SITEDIRECTOR_TOKEN)")])
+        return self
+
+
+class Config(_Model):
+    """The whole, validated configuration."""
+
+    scheduler: Scheduler
+    #: name → credential; queues refer to them by name (declared before ``queues``, which resolve them).
+    credentials: dict[str, Credential] = Field(default_factory=dict)
+    queues: list[QueueConfig] = Field(min_length=1)
+    cycle_interval: float = Field(120.0, ge=0.1)
+    backoff_cycles: int = Field(3, ge=0)
+    unknown_timeout: float = Field(3600.0, ge=1)
+    boot_grace: float = Field(600.0, ge=0)
     work_dir: str = "/var/lib/sitedirector"
-    pilot: PilotSettings = field(default_factory=PilotSettings)
-    credentials: dict[str, Credential] = field(default_factory=dict)
+    pilot: PilotSettings = Field(default_factory=PilotSettings)
+
+    @property
+    def url(self) -> str:
+        """The scheduler's base URL, without a trailing slash."""
+        return self.scheduler.url
+
+    @property
+    def token(self) -> str:
+        """The pilot-role token for the scheduler."""
+        return self.scheduler.token
 
     def queue(self, name: str) -> QueueConfig:
         """The queue called ``name`` (KeyError if none)."""
@@ -109,223 +266,94 @@ class Config:
                 return q
         raise KeyError(name)
 
+    @field_validator("credentials", mode="before")
+    @classmethod
+    def _credentials(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            return value  # pydantic says what it should be
+        errors: list = []
+        out = {}
+        for name, data in value.items():
+            try:
+                out[str(name)] = _credential(str(name), data)
+            except NestedError as exc:
+                errors.extend(exc.errors)
+        if errors:
+            raise NestedError(errors)
+        return out
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _queue_credentials(cls, value: Any, info: ValidationInfo) -> Any:
+        """A queue's ``credentials`` name becomes the credential it names."""
+        if not isinstance(value, list):
+            return value
+        if "credentials" not in info.data:  # already reported under credentials: no second error per queue
+            return [{**q, "credentials": None} if isinstance(q, dict) else q for q in value]
+        creds = info.data["credentials"]
+        out = []
+        for i, q in enumerate(value):
+            name = q.get("credentials") if isinstance(q, dict) else None
+            if isinstance(name, str):
+                if name not in creds:
+                    raise NestedError([((i, "credentials"), f"no credential named {name!r} under credentials:")])
+                q = {**q, "credentials": creds[name]}
+            out.append(q)
+        return out
 
-
-def _req(data: dict, key: str, where: str) -> Any:
-    if key not in data or data[key] in (None, ""):
-        raise ConfigError(f"{where}{key}: required")
-    return data[key]
-
-
-def _str(value: Any, key: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}: must be a string, got {type(value).__name__}")
-    return value
-
-
-def _int(value: Any, key: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _num(value: Any, key: str, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise ConfigError(f"{key}: must be a number >= {minimum:g}, got {value!r}")
-    return float(value)
-
-
-def _strlist(value: Any, key: str) -> list[str]:
-    if isinstance(value, str):
-        value = [v for v in re.split(r"[,\s]+", value) if v]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key}: must be a list of strings")
-    return list(value)
-
-
-def _unknown(data: dict, allowed: set[str], where: str) -> None:
-    extra = sorted(set(data) - allowed)
-    if extra:
-        raise ConfigError(f"{where}{extra[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
-def _credential(name: str, data: Any) -> Credential:
-    where = f"credentials.{name}."
-    if not isinstance(data, dict):
-        raise ConfigError(f"credentials.{name}: must be a mapping")
-    ctype = _str(_req(data, "type", where), f"{where}type")
-    if ctype not in CREDENTIAL_TYPES:
-        raise ConfigError(f"{where}type: unknown credential type {ctype!r} (known: {', '.join(CREDENTIAL_TYPES)})")
-    for key in CREDENTIAL_TYPES[ctype]:
-        _req(data, key, where)
-    if ctype == "oidc_access_token" and not (data.get("access_token") or data.get("access_token_file")):
-        raise ConfigError(f"{where}access_token: required (or access_token_file)")
-    values = {k: v for k, v in data.items() if k != "type"}
-    return Credential(name=name, type=ctype, values=values)
-
-
-_QUEUE_KEYS = {
-    "name", "type", "site", "ce", "endpoint", "queue", "platform", "tags", "processors", "memory", "cpu_time",
-    "max_total", "max_waiting", "per_cycle", "credentials", "options",
-}  # fmt: skip
+    @model_validator(mode="after")
+    def _usable_queues(self) -> Config:
+        problems = [(("queues", i, p[0]), p[1]) for i, q in enumerate(self.queues) if (p := _queue_problem(q))]
+        if problems:
+            raise NestedError(problems)
+        seen: set[str] = set()
+        ce_queues: set[tuple[str, str]] = set()
+        for i, q in enumerate(self.queues):
+            if q.name in seen:
+                raise NestedError([(("queues", i, "name"), f"duplicate queue name {q.name!r}")])
+            seen.add(q.name)
+            # Pilots are told apart by (CE, queue) in PilotAgents, so two queues must not share both.
+            if (q.ce, q.ce_queue) in ce_queues:
+                raise NestedError(
+                    [(("queues", i, "queue"), f"another queue already uses CE {q.ce!r} queue {q.ce_queue!r}")]
+                )
+            ce_queues.add((q.ce, q.ce_queue))
+        return self
 
 
-def _queue(i: int, data: Any, creds: dict[str, Credential]) -> QueueConfig:
-    where = f"queues[{i}]."
-    if not isinstance(data, dict):
-        raise ConfigError(f"queues[{i}]: must be a mapping")
-    _unknown(data, _QUEUE_KEYS, where)
-    name = _str(_req(data, "name", where), f"{where}name")
-    if not _NAME.match(name):
-        raise ConfigError(f"{where}name: {name!r} must be letters, digits, '_', '.', '-' (max 64)")
-    where = f"queues[{i}] ({name})."
-    ctype = _str(_req(data, "type", where), f"{where}type")
-    if ctype not in CE_TYPES:
-        raise ConfigError(f"{where}type: unknown CE type {ctype!r} (known: {', '.join(CE_TYPES)})")
-    q = QueueConfig(
-        name=name,
-        type=ctype,
-        site=_str(_req(data, "site", where), f"{where}site"),
-        ce=_str(data.get("ce") or data.get("endpoint") or "localhost", f"{where}ce"),
-        endpoint=_str(data.get("endpoint", ""), f"{where}endpoint"),
-        queue=_str(data.get("queue", ""), f"{where}queue"),
-        platform=_str(data.get("platform", ""), f"{where}platform"),
-        tags=_strlist(data.get("tags", []), f"{where}tags"),
-        processors=_int(data.get("processors", 1), f"{where}processors", 1),
-        memory=_int(data.get("memory", 0), f"{where}memory"),
-        cpu_time=_int(data.get("cpu_time", 0), f"{where}cpu_time"),
-        max_total=_int(data.get("max_total", 10), f"{where}max_total"),
-        max_waiting=_int(data.get("max_waiting", 5), f"{where}max_waiting"),
-        per_cycle=_int(data.get("per_cycle", 10), f"{where}per_cycle"),
-        options=dict(data.get("options") or {}),
-    )
-    if not isinstance(data.get("options", {}) or {}, dict):
-        raise ConfigError(f"{where}options: must be a mapping")
-    cred = data.get("credentials")
-    if cred is not None:
-        cred = _str(cred, f"{where}credentials")
-        if cred not in creds:
-            raise ConfigError(f"{where}credentials: no credential named {cred!r} under credentials:")
-        q.credentials = creds[cred]
-    if ctype in ("htcondorce", "openstack") and not q.endpoint and not q.options.get("grid_resource"):
-        raise ConfigError(f"{where}endpoint: required for type {ctype}")
-    if ctype == "arc":
-        _arc_queue(q, where)
-    return q
+#: Top-level settings an environment variable ``SITEDIRECTOR_<NAME>`` may set.
+ENV_SETTINGS = ("cycle_interval", "backoff_cycles", "unknown_timeout", "boot_grace", "work_dir")
 
 
-def _arc_queue(q: QueueConfig, where: str) -> None:
-    """An ARC queue needs the A-REX URL, the CE's queue, a proxy or token credential, and only known options."""
-    from .ce.arc import ARC_CREDENTIALS, normalise_endpoint, parse_options
+def parse(
+    data: Any,
+    base_dir: Union[str, Path, None] = None,
+    *,
+    environ: Optional[Mapping[str, str]] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> Config:
+    """Validate a loaded YAML document under the environment and command-line ``overrides``.
 
-    if not q.endpoint:
-        raise ConfigError(f"{where}endpoint: required for type arc (the A-REX URL, e.g. https://ce.example.org/arex)")
-    try:
-        normalise_endpoint(q.endpoint)
-    except ValueError as exc:
-        raise ConfigError(f"{where}endpoint: {exc}") from None
-    if not q.queue:
-        raise ConfigError(f"{where}queue: required for type arc (the CE's batch queue, e.g. the ComputingShare name)")
-    if q.credentials is None:
-        raise ConfigError(
-            f"{where}credentials: required for type arc (a credential of type {' or '.join(ARC_CREDENTIALS)})"
-        )
-    if q.credentials.type not in ARC_CREDENTIALS:
-        raise ConfigError(
-            f"{where}credentials: {q.credentials.name!r} is of type {q.credentials.type!r}; "
-            f"an ARC queue takes {' or '.join(ARC_CREDENTIALS)} (a proxy file or a token file)"
-        )
-    try:
-        parse_options(q.options)
-    except ValueError as exc:
-        raise ConfigError(f"{where}{exc}") from None
-
-
-_TOP_KEYS = {
-    "scheduler", "queues", "credentials", "cycle_interval", "backoff_cycles", "unknown_timeout", "boot_grace",
-    "work_dir", "pilot",
-}  # fmt: skip
-
-
-def parse(data: Any, base_dir: Union[str, Path, None] = None) -> Config:
-    """Validate a loaded YAML document; relative file paths are read relative to ``base_dir``."""
+    Relative file paths are read relative to ``base_dir``; ``environ`` defaults to ``os.environ``.
+    """
     if not isinstance(data, dict):
         raise ConfigError("top level: must be a mapping")
-    _unknown(data, _TOP_KEYS, "")
-    sched = _req(data, "scheduler", "")
-    if not isinstance(sched, dict):
-        raise ConfigError("scheduler: must be a mapping with url and token or token_file")
-    _unknown(sched, {"url", "token", "token_file"}, "scheduler.")
-    url = _str(_req(sched, "url", "scheduler."), "scheduler.url").rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"scheduler.url: must start with http:// or https://, got {url!r}")
-    token = sched.get("token") or os.environ.get("SITEDIRECTOR_TOKEN", "")
-    if sched.get("token_file"):
-        path = Path(_str(sched["token_file"], "scheduler.token_file"))
-        if base_dir is not None and not path.is_absolute():
-            path = Path(base_dir) / path
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"scheduler.token_file: cannot read {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError("scheduler.token: required (a pilot-role token, or token_file, or $SITEDIRECTOR_TOKEN)")
-    raw_creds = data.get("credentials") or {}
-    if not isinstance(raw_creds, dict):
-        raise ConfigError("credentials: must be a mapping of name → credential")
-    creds = {str(n): _credential(str(n), c) for n, c in raw_creds.items()}
-    raw_queues = _req(data, "queues", "")
-    if not isinstance(raw_queues, list) or not raw_queues:
-        raise ConfigError("queues: must be a non-empty list")
-    queues = [_queue(i, q, creds) for i, q in enumerate(raw_queues)]
-    seen: set[str] = set()
-    ce_queues: set[tuple[str, str]] = set()
-    for i, q in enumerate(queues):
-        if q.name in seen:
-            raise ConfigError(f"queues[{i}].name: duplicate queue name {q.name!r}")
-        seen.add(q.name)
-        # Pilots are told apart by (CE, queue) in PilotAgents, so two queues must not share both.
-        if (q.ce, q.ce_queue) in ce_queues:
-            raise ConfigError(
-                f"queues[{i}] ({q.name}).queue: another queue already uses CE {q.ce!r} queue {q.ce_queue!r}"
-            )
-        ce_queues.add((q.ce, q.ce_queue))
-    pilot_data = data.get("pilot") or {}
-    if not isinstance(pilot_data, dict):
-        raise ConfigError("pilot: must be a mapping")
-    _unknown(pilot_data, {"python", "heartbeat_interval", "max_idle", "max_empty_matches", "extra_args"}, "pilot.")
-    pilot = PilotSettings(
-        python=_str(pilot_data.get("python", "python3"), "pilot.python"),
-        heartbeat_interval=_int(pilot_data.get("heartbeat_interval", 60), "pilot.heartbeat_interval", 1),
-        max_idle=_int(pilot_data.get("max_idle", 120), "pilot.max_idle", 0),
-        max_empty_matches=_int(pilot_data.get("max_empty_matches", 3), "pilot.max_empty_matches", 1),
-        extra_args=_strlist(pilot_data.get("extra_args", []), "pilot.extra_args"),
-    )
-    return Config(
-        url=url,
-        token=str(token),
-        queues=queues,
-        cycle_interval=_num(data.get("cycle_interval", 120), "cycle_interval", 0.1),
-        backoff_cycles=_int(data.get("backoff_cycles", 3), "backoff_cycles"),
-        unknown_timeout=_num(data.get("unknown_timeout", 3600), "unknown_timeout", 1),
-        boot_grace=_num(data.get("boot_grace", 600), "boot_grace", 0),
-        work_dir=_str(data.get("work_dir", "/var/lib/sitedirector"), "work_dir"),
-        pilot=pilot,
-        credentials=creds,
-    )
+    environ = os.environ if environ is None else environ
+    layers = [
+        Layer("", data),
+        env_layer(environ, ENV_PREFIX, {ENV_PREFIX + "TOKEN": ("scheduler", "token")}, names=ENV_SETTINGS),
+        Layer("the command line", dict(overrides or {})),
+    ]
+    return overlay(Config, layers, context={"base_dir": base_dir})
 
 
-def load(path: Union[str, Path]) -> Config:
-    """Read and validate a config file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse(data, base_dir=path.parent)
+def load(
+    path: Union[str, Path],
+    *,
+    environ: Optional[Mapping[str, str]] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> Config:
+    """Read and validate a config file (see :func:`parse`)."""
+    return parse(read_yaml(path), base_dir=Path(path).parent, environ=environ, overrides=overrides)

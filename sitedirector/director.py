@@ -5,6 +5,11 @@ The main thread does one cheap, pure decision per cycle (two HTTP requests for a
 thread, so a slow or hanging CE only delays its own queue: a queue whose previous work is still running
 is skipped for the cycle. The director keeps almost no state — the scheduler's PilotAgents rows (stamp,
 reference, status) are the record — so a restart picks up where it left off.
+
+Every pilot gets a token of its own: before a batch goes to the CE the director asks the scheduler for one token
+per new stamp, bound to that stamp and the queue's site, and hands them to the queue's :class:`Bundle`. The
+director's own token (a ``director`` token) never reaches a worker node; only a scheduler too old to mint pilot
+tokens makes the pilots share the configured token again, with a warning.
 """
 
 from __future__ import annotations
@@ -46,12 +51,32 @@ LIVE_STATES = sorted(WAITING_STATES | {"Running", UNKNOWN})
 FAILED_SHOWN = 5
 
 
+def decision_records(decisions: Sequence[policy.Decision]) -> list[dict[str, Any]]:
+    """A cycle's decisions as the scheduler's monitoring page records them."""
+    return [
+        {
+            "queue": d.queue,
+            "submit": d.submit,
+            "matching_jobs": d.matching_jobs,
+            "skipped": d.skipped,
+            "tqs": d.tqs,
+            "counts": dataclasses.asdict(d.counts),
+            "summary": d.describe(),
+        }
+        for d in decisions
+    ]
+
+
 class SchedulerError(Exception):
-    """The scheduler could not be reached or refused a request."""
+    """The scheduler could not be reached or refused a request (``status``: its HTTP status, 0 if none)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class SchedulerClient:
-    """The few ``/api/x-embedded`` routes the director uses, with the pilot-role token."""
+    """The few ``/api/x-embedded`` routes the director uses, with its ``director`` (or site-wide pilot) token."""
 
     def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
         self.url = url.rstrip("/")
@@ -69,14 +94,14 @@ class SchedulerClient:
             }
         return sessions[replay]
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, replay: Optional[bool] = None, **kwargs: Any) -> Any:
         try:
-            session = self.session(replay=method == "GET")
+            session = self.session(replay=method == "GET" if replay is None else replay)
             resp = session.request(method, self.url + path, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
             raise SchedulerError(f"{method} {path}: {exc}") from exc
         if resp.status_code >= 400:
-            raise SchedulerError(f"{method} {path}: HTTP {resp.status_code} {resp.text[:200]}")
+            raise SchedulerError(f"{method} {path}: HTTP {resp.status_code} {resp.text[:200]}", resp.status_code)
         return resp.json() if resp.content else None
 
     def demand(self) -> list[dict[str, Any]]:
@@ -94,6 +119,26 @@ class SchedulerClient:
             params["queue"] = queue
         return self._call("GET", "/api/x-embedded/pilots", params=params)
 
+    def pilot_tokens(
+        self, stamps: Sequence[str], site: str, lifetime: Optional[float] = None
+    ) -> Optional[dict[str, str]]:
+        """One token per pilot about to be submitted, each valid for its own stamp at ``site`` only; ``None``
+        from a scheduler that predates per-pilot tokens (HTTP 404). Minting changes nothing, so it is replayed."""
+        body: dict[str, Any] = {"stamps": list(stamps), "site": site}
+        if lifetime:
+            body["lifetime"] = lifetime
+        try:
+            answer = self._call("POST", "/api/x-embedded/pilots/tokens", replay=True, json=body)
+        except SchedulerError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        tokens = (answer or {}).get("tokens") or {}
+        missing = [s for s in stamps if not tokens.get(s)]
+        if missing:
+            raise SchedulerError(f"POST /api/x-embedded/pilots/tokens: no token for {len(missing)} of {len(stamps)}")
+        return {s: str(tokens[s]) for s in stamps}
+
     def add_pilots(self, q: QueueConfig, refs: Sequence[PilotRef]) -> None:
         """Register freshly submitted pilots as Submitted, with their CE references."""
         body = {
@@ -108,18 +153,7 @@ class SchedulerClient:
 
     def report_decisions(self, decisions: Sequence[policy.Decision]) -> None:
         """Show this cycle's decisions on the scheduler's monitoring page (one place to look)."""
-        body = [
-            {
-                "queue": d.queue,
-                "submit": d.submit,
-                "matching_jobs": d.matching_jobs,
-                "skipped": d.skipped,
-                "tqs": d.tqs,
-                "counts": dataclasses.asdict(d.counts),
-                "summary": d.describe(),
-            }
-            for d in decisions
-        ]
+        body = decision_records(decisions)
         if body:
             self._call("POST", "/api/x-embedded/monitoring/sitedirector", json=body)
 
@@ -139,6 +173,7 @@ class QueueState:
 
     config: QueueConfig
     ce: ComputingElement
+    bundle: Optional[Bundle] = None
     health: policy.Health = field(default_factory=policy.Health)
     first_unknown: dict[str, float] = field(default_factory=dict)
     live: set[str] = field(default_factory=set)
@@ -146,6 +181,8 @@ class QueueState:
     empty: int = 0
     finished: int = 0
     busy: threading.Event = field(default_factory=threading.Event)
+    #: The "pilots share the director's token" warning was logged (once per queue).
+    warned_shared_token: bool = False
 
 
 class QueueWorker(threading.Thread):
@@ -186,7 +223,7 @@ class Director:
         for q in config.queues:
             q.options.setdefault("work_dir", f"{config.work_dir.rstrip('/')}/{q.name}")
             bundle = Bundle(config.url, config.token, q, config.pilot)
-            self.queues[q.name] = QueueState(q, factory(q, bundle))
+            self.queues[q.name] = QueueState(q, factory(q, bundle), bundle)
         #: (CE, queue) as PilotAgents records them (DestinationSite, Queue) → configured queue name.
         self._owner = {(st.config.ce, st.config.ce_queue): name for name, st in self.queues.items()}
         self.workers: dict[str, QueueWorker] = {}
@@ -301,6 +338,7 @@ class Director:
 
     def _submit(self, st: QueueState, n: int) -> None:
         stamps = [new_stamp() for _ in range(n)]
+        self._issue_tokens(st, stamps)
         try:
             refs = st.ce.submit(stamps)
         except CEQueueFull as exc:
@@ -310,6 +348,20 @@ class Director:
             self.client.add_pilots(st.config, refs)
             st.submitted += len(refs)
         log.info("%s: submitted %d/%d pilots", st.config.name, len(refs), n)
+
+    def _issue_tokens(self, st: QueueState, stamps: list[str]) -> None:
+        """Give each new pilot its own token (one request per batch), or the shared one on an older scheduler."""
+        if st.bundle is None:
+            return
+        tokens = self.client.pilot_tokens(stamps, st.config.site)
+        if tokens is None and not st.warned_shared_token:
+            st.warned_shared_token = True
+            log.warning(
+                "%s: the scheduler cannot mint per-pilot tokens (HTTP 404, an older version): pilots carry the "
+                "configured token, with which each of them can act for any other; upgrade the scheduler",
+                st.config.name,
+            )
+        st.bundle.issue(tokens)
 
     def _sync_status(self, st: QueueState, rows: list[dict]) -> None:
         """Ask the CE about the queue's live pilots and tell the scheduler what changed."""

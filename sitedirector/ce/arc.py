@@ -16,8 +16,8 @@ How the CE is used:
 
 * N pilots are one ``POST /jobs?action=new`` with an ADL ``<ActivityDescriptions>`` (chunks of
   ``max_per_request``); the single pilot wrapper (stamp as ``$1``) is then uploaded to each job's session
-  directory (A-REX holds a job in PREPARING until its declared inputs are there). status, kill, clean and info
-  are bulk calls too.
+  directory, with that pilot's own token as a second input file, ``pilot-token-<stamp>`` (A-REX holds a job in
+  PREPARING until its declared inputs are there). status, kill, clean and info are bulk calls too.
 * A-REX binds the client identity to the TLS connection (a different token on a kept-alive connection is not
   looked at), so each credential identity has its own one-connection session, rebuilt when the token or proxy
   file changes and dropped after an authorisation failure.
@@ -49,15 +49,19 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
 from urllib.parse import quote, urlsplit
 from xml.sax.saxutils import escape
 
 import requests
+from pydantic import Field, StrictBool, ValidationError, field_validator
 from requests.adapters import HTTPAdapter
 
+from galaxy_dirac.configfile import describe
+
+from ..bundle import token_file
 from .base import (
     ABORTED,
     DELETED,
@@ -68,6 +72,7 @@ from .base import (
     UNKNOWN,
     WAITING,
     CEError,
+    CEOptions,
     CEQueueFull,
     ComputingElement,
     PilotRef,
@@ -116,24 +121,6 @@ _FULL = re.compile(r"no more jobs|limit of total allowed jobs|too many jobs|job 
 # --- options ----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ArcOptions:
-    """A queue's validated ``options`` (see the module docstring)."""
-
-    verify: Union[bool, str] = True
-    rest_version: str = "auto"
-    delegation_lifetime: int = 86400
-    timeout: float = 60.0
-    max_per_request: int = 100
-    environment: dict[str, str] = field(default_factory=dict)
-    runtime_environments: list[str] = field(default_factory=list)
-    wall_time: int = 0
-    work_dir: str = ""
-
-
-OPTION_KEYS = frozenset(ArcOptions.__dataclass_fields__)
-
-
 def default_verify() -> Union[bool, str]:
     """Grid CAs where this host has them ($X509_CERT_DIR, the grid CA directory), else the system's."""
     cert_dir = os.environ.get("X509_CERT_DIR", "")
@@ -142,59 +129,57 @@ def default_verify() -> Union[bool, str]:
     return GRID_CA_DIR if os.path.isdir(GRID_CA_DIR) else True
 
 
-def parse_options(options: Optional[Mapping[str, Any]]) -> ArcOptions:
-    """Validate an ARC queue's options; ``ValueError("options.<key>: ...")`` names the offending key."""
-    opts = dict(options or {})
-    extra = sorted(set(opts) - OPTION_KEYS)
-    if extra:
-        raise ValueError(f"options.{extra[0]}: unknown option for type arc (allowed: {', '.join(sorted(OPTION_KEYS))})")
-    out = ArcOptions(verify=default_verify())
+class ArcOptions(CEOptions):
+    """A queue's validated ``options`` (see the module docstring)."""
 
-    def integer(key: str, minimum: int) -> int:
-        value = opts[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"options.{key}: must be an integer >= {minimum}, got {value!r}")
+    verify: Union[StrictBool, str] = Field(default_factory=default_verify)
+    rest_version: Literal["auto", "1.0", "1.1"] = "auto"
+    delegation_lifetime: int = Field(86400, ge=600)
+    timeout: float = Field(60.0, gt=0)
+    max_per_request: int = Field(100, ge=1)
+    environment: dict[str, str] = Field(default_factory=dict)
+    runtime_environments: list[str] = Field(default_factory=list)
+    wall_time: int = Field(0, ge=0)
+
+    @field_validator("verify")
+    @classmethod
+    def _verify(cls, value: Union[bool, str]) -> Union[bool, str]:
+        if value == "":
+            raise ValueError("must be true, false or a CA file/directory path, not empty")
         return value
 
-    if "verify" in opts:
-        value = opts["verify"]
-        if not isinstance(value, (bool, str)) or value == "":
-            raise ValueError(f"options.verify: must be true, false or a CA file/directory path, got {value!r}")
-        out.verify = value
-    if "rest_version" in opts:
-        value = str(opts["rest_version"])
-        if value not in ("auto", *REST_VERSIONS):
-            raise ValueError(f"options.rest_version: must be auto, {' or '.join(REST_VERSIONS)}, got {value!r}")
-        out.rest_version = value
-    if "delegation_lifetime" in opts:
-        out.delegation_lifetime = integer("delegation_lifetime", 600)
-    if "timeout" in opts:
-        value = opts["timeout"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"options.timeout: must be a number of seconds > 0, got {value!r}")
-        out.timeout = float(value)
-    if "max_per_request" in opts:
-        out.max_per_request = integer("max_per_request", 1)
-    if "wall_time" in opts:
-        out.wall_time = integer("wall_time", 0)
-    if "environment" in opts:
-        env = opts["environment"]
-        if not isinstance(env, dict) or not all(
-            isinstance(k, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k) and isinstance(v, (str, int, float))
-            for k, v in env.items()
-        ):
-            raise ValueError("options.environment: must be a mapping of variable names to strings")
-        out.environment = {k: str(v) for k, v in env.items()}
-    if "runtime_environments" in opts:
-        rtes = opts["runtime_environments"]
-        if not isinstance(rtes, list) or not all(isinstance(r, str) and r for r in rtes):
-            raise ValueError("options.runtime_environments: must be a list of runtime environment names")
-        out.runtime_environments = list(rtes)
-    if "work_dir" in opts:
-        if not isinstance(opts["work_dir"], str):
-            raise ValueError(f"options.work_dir: must be a string, got {opts['work_dir']!r}")
-        out.work_dir = opts["work_dir"]
-    return out
+    @field_validator("rest_version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) else value  # YAML reads 1.0 as a number
+
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _environment(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        bad = [k for k in value if not (isinstance(k, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k))]
+        if bad:
+            raise ValueError(f"must be a mapping of variable names to strings; {bad[0]!r} is not a variable name")
+        return {k: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in value.items()}
+
+    @field_validator("runtime_environments")
+    @classmethod
+    def _rtes(cls, value: list[str]) -> list[str]:
+        if not all(value):
+            raise ValueError("must be a list of runtime environment names, not empty ones")
+        return value
+
+
+OPTION_KEYS = frozenset(ArcOptions.model_fields)
+
+
+def parse_options(options: Optional[Mapping[str, Any]]) -> ArcOptions:
+    """Validate an ARC queue's options; ``ValueError("options.<key>: ...")`` names the offending key."""
+    try:
+        return ArcOptions.model_validate(dict(options or {}))
+    except ValidationError as exc:
+        raise ValueError(describe(exc, prefix=("options",))) from None
 
 
 def normalise_endpoint(endpoint: str) -> str:
@@ -366,6 +351,7 @@ class ArcComputingElement(ComputingElement):
     """One queue of an ARC CE (A-REX REST). See the module docstring for how it uses the CE and its options."""
 
     type_name = "arc"
+    Options = ArcOptions
 
     def __init__(self, queue: Any, bundle: Any = None) -> None:
         super().__init__(queue, bundle)
@@ -537,8 +523,9 @@ class ArcComputingElement(ComputingElement):
     def job_name(self, stamp: str) -> str:
         return f"{self.name_prefix}{stamp}"
 
-    def description(self, stamp: str, delegation_id: str = "") -> str:
-        """One pilot's ADL: run the uploaded wrapper with the stamp, keep its stdout/stderr for diagnosis."""
+    def description(self, stamp: str, delegation_id: str = "", token: bool = False) -> str:
+        """One pilot's ADL: run the uploaded wrapper with the stamp, keep its stdout/stderr for diagnosis; with
+        ``token``, the pilot's own token is an input file too (uploaded like the wrapper, never in the ADL)."""
         q, o = self.queue, self.options
         env = "".join(
             f"<Environment><Name>{escape(k)}</Name><Value>{escape(v)}</Value></Environment>"
@@ -561,6 +548,8 @@ class ArcComputingElement(ComputingElement):
         if o.wall_time or q.cpu_time:
             res += f"<WallTime>{o.wall_time or q.cpu_time}</WallTime>"
         staging = f"<InputFile><Name>{WRAPPER}</Name><IsExecutable>true</IsExecutable></InputFile>"
+        if token:
+            staging += f"<InputFile><Name>{escape(token_file(stamp))}</Name></InputFile>"
         staging += f"<OutputFile><Name>{STDOUT}</Name></OutputFile><OutputFile><Name>{STDERR}</Name></OutputFile>"
         if delegation_id:
             staging += f"<nordugrid-adl:DelegationID>{escape(delegation_id)}</nordugrid-adl:DelegationID>"
@@ -572,9 +561,11 @@ class ArcComputingElement(ComputingElement):
             f"<Resources>{res}</Resources><DataStaging>{staging}</DataStaging></ActivityDescription>"
         )
 
-    def descriptions(self, stamps: Sequence[str], delegation_id: str = "") -> str:
-        """The ADL document for one request: several pilots go in one ``<ActivityDescriptions>``."""
-        body = "".join(self.description(s, delegation_id) for s in stamps)
+    def descriptions(self, stamps: Sequence[str], delegation_id: str = "", tokens: Iterable[str] = ()) -> str:
+        """The ADL document for one request: several pilots go in one ``<ActivityDescriptions>``; ``tokens``:
+        the stamps whose token file is uploaded."""
+        with_token = set(tokens)
+        body = "".join(self.description(s, delegation_id, s in with_token) for s in stamps)
         return body if len(stamps) == 1 else f"<ActivityDescriptions>{body}</ActivityDescriptions>"
 
     # --- references ---------------------------------------------------------------------------------------------
@@ -607,26 +598,32 @@ class ArcComputingElement(ComputingElement):
         if not stamps:
             return []
         wrapper = self.bundle.wrapper(None).encode()
+        tokens = self.bundle.token_files(stamps)
         delegation_id = self.delegation()
         refs: list[PilotRef] = []
         refused: list[str] = []
         for chunk in _chunks(list(stamps), self.options.max_per_request):
             try:
-                created = self._create(chunk, delegation_id, refused)
+                created = self._create(chunk, delegation_id, refused, tokens)
             except CEError:
                 if refs:  # keep what already started; the next cycle asks again for the rest
                     break
                 raise
             for stamp, job_id in created:
+                # The shared wrapper, then this pilot's own token (A-REX holds the job until both are there).
+                uploads = [("the wrapper", WRAPPER, wrapper)]
+                if stamp in tokens:
+                    uploads.append(("the pilot token", token_file(stamp), tokens[stamp].encode()))
                 try:
-                    self._api(
-                        "PUT",
-                        f"/jobs/{quote(job_id)}/session/{WRAPPER}",
-                        f"upload the wrapper of {job_id}",
-                        (200, 201, 204),
-                        data=wrapper,
-                        headers={"Content-Type": "application/octet-stream"},
-                    )
+                    for what, name, data in uploads:
+                        self._api(
+                            "PUT",
+                            f"/jobs/{quote(job_id)}/session/{name}",
+                            f"upload {what} of {job_id}",
+                            (200, 201, 204),
+                            data=data,
+                            headers={"Content-Type": "application/octet-stream"},
+                        )
                 except CEError as exc:
                     refused.append(str(exc))
                     self._discard([job_id])
@@ -655,10 +652,12 @@ class ArcComputingElement(ComputingElement):
         )
         return refs
 
-    def _create(self, stamps: Sequence[str], delegation_id: str, refused: list[str]) -> list[tuple[str, str]]:
+    def _create(
+        self, stamps: Sequence[str], delegation_id: str, refused: list[str], tokens: Iterable[str] = ()
+    ) -> list[tuple[str, str]]:
         resp = self._api(
             "POST", "/jobs", f"submit {len(stamps)} pilots", (200, 201), params={"action": "new"},
-            data=self.descriptions(stamps, delegation_id).encode(), headers={"Content-Type": "application/xml"},
+            data=self.descriptions(stamps, delegation_id, tokens).encode(), headers={"Content-Type": "application/xml"},
         )  # fmt: skip
         items = _items(resp, "job")
         created = []

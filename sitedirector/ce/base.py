@@ -11,9 +11,12 @@ from __future__ import annotations
 import abc
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Protocol, Sequence, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from galaxy_dirac import states
+from galaxy_dirac.configfile import describe
 
 #: DIRAC pilot states a backend may report (the contract lives in galaxy_dirac.states; these are its short names).
 SUBMITTED = states.PILOT_SUBMITTED
@@ -79,6 +82,23 @@ class PilotBundle(Protocol):
     def pilot_args(self, stamp: str) -> list[str]:
         """Command-line arguments for the stdlib pilot (``python3 pilot.pyz <args>``)."""
 
+    def token_files(self, stamps: Sequence[str]) -> dict[str, str]:
+        """stamp → that pilot's own token, which a backend submitting :meth:`wrapper` ``(None)`` delivers as the
+        file ``sitedirector.bundle.token_file(stamp)`` beside it (an input file, never an argument or a job ad
+        attribute); empty when the pilots share the token the wrapper embeds."""
+
+
+class CEOptions(BaseModel):
+    """A queue's ``options`` for one backend; each backend subclasses this as its ``Options``.
+
+    ``extra="forbid"``: a misspelt option is a config error naming it, not a setting that silently does nothing.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Where the backend keeps per-pilot files; the director sets it to ``<work_dir>/<queue name>``.
+    work_dir: str = ""
+
 
 class ComputingElement(abc.ABC):
     """A place pilots run. One instance per configured queue; methods are called from that queue's thread.
@@ -90,6 +110,8 @@ class ComputingElement(abc.ABC):
 
     #: The value of ``type`` in the config that selects this backend.
     type_name: str = ""
+    #: The model of this backend's queue ``options`` (the config validates them with it).
+    Options: ClassVar[type[CEOptions]] = CEOptions
 
     def __init__(self, queue: Any, bundle: Optional[PilotBundle] = None) -> None:
         self.queue = queue
@@ -122,6 +144,17 @@ class ComputingElement(abc.ABC):
         ``refs`` are the pilots the director still tracks (None: the backend decides from its own
         listing, e.g. after a director restart).
         """
+
+    @classmethod
+    def read_options(cls, queue: Any) -> Any:
+        """``queue.options`` as a validated :attr:`Options` (a mapping from the config, or already a model)."""
+        options = getattr(queue, "options", None) or {}
+        if isinstance(options, cls.Options):
+            return options
+        try:
+            return cls.Options.model_validate(options)
+        except ValidationError as exc:
+            raise CEError(f"queue {getattr(queue, 'name', '?')}: {describe(exc, prefix=('options',))}") from None
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to release
         """Release connections; called once at shutdown."""

@@ -12,6 +12,11 @@ N pilots are one cluster, one transaction: a single wrapper script taking the st
 ``BEARER_TOKEN_FILE``), so every call runs under one lock with this queue's settings applied.
 Finished jobs stay in the queue a while (``leave_in_queue``) and are then removed by the schedd's own
 ``periodic_remove`` policy or by :meth:`cleanup`.
+
+Each pilot's own token travels as its own input file, ``pilot-token-<stamp>`` (``transfer_input_files`` with the
+proc's ``$(stamp)``), written mode 0600 in the director's work dir: never in a job ad attribute, the arguments or
+the environment, which other users of the CE can read. The files go once the CE has them (after ``spool``) or, in
+grid mode, once the local schedd no longer holds the job.
 """
 
 from __future__ import annotations
@@ -21,13 +26,27 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 from urllib.parse import urlsplit
 
 import classad2
 import htcondor2
+from pydantic import Field, field_validator
 
-from .base import ABORTED, DONE, FAILED, RUNNING, UNKNOWN, WAITING, CEError, ComputingElement, PilotRef, PilotStatus
+from ..bundle import TOKEN_FILE_PREFIX, token_file
+from .base import (
+    ABORTED,
+    DONE,
+    FAILED,
+    RUNNING,
+    UNKNOWN,
+    WAITING,
+    CEError,
+    CEOptions,
+    ComputingElement,
+    PilotRef,
+    PilotStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,25 +111,42 @@ class HTCondorCEComputingElement(ComputingElement):
     #: Builds the schedd to talk to; the tests replace it with a double of ``htcondor2.Schedd``.
     schedd_factory: Optional[Callable[[HTCondorCEComputingElement], Any]] = None
 
+    class Options(CEOptions):
+        """The queue options of the class docstring; empty strings mean "derive from the endpoint/queue"."""
+
+        mode: Literal["remote", "grid"] = "remote"
+        pool: str = ""
+        schedd_name: str = ""
+        location: str = ""
+        batch_queue: str = ""
+        keep_finished: int = Field(3600, ge=0)
+        keep_held: int = Field(86400, ge=0)
+        #: Extra submit commands, written as given (values as text).
+        submit: dict[str, str] = Field(default_factory=dict)
+        local_schedd: str = ""
+
+        @field_validator("submit", mode="before")
+        @classmethod
+        def _as_text(cls, value: Any) -> Any:
+            return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else value
+
     def __init__(self, queue: Any, bundle: Any = None) -> None:
         super().__init__(queue, bundle)
-        opts = queue.options or {}
+        opts = self.read_options(queue)
         endpoint = queue.endpoint or queue.ce
         host = endpoint.split("://")[-1].split("/")[0]
         self.host = host.split(":")[0]
         self.address = host if ":" in host else f"{host}:{CE_PORT}"
-        self.mode = str(opts.get("mode", "remote"))
-        if self.mode not in ("remote", "grid"):
-            raise CEError(f"queue {queue.name}: options.mode must be remote or grid, not {self.mode!r}")
-        self.pool = str(opts.get("pool") or self.address)
-        self.schedd_name = str(opts.get("schedd_name") or self.host)
-        self.batch_queue = str(opts.get("batch_queue") or queue.queue or "")
-        self.keep_finished = int(opts.get("keep_finished", 3600))
-        self.keep_held = int(opts.get("keep_held", 86400))
-        self.extra = {str(k): str(v) for k, v in (opts.get("submit") or {}).items()}
-        self.local_schedd = opts.get("local_schedd")
-        self.location = str(opts.get("location") or "")
-        work = opts.get("work_dir") or os.path.join(tempfile.gettempdir(), "sitedirector", queue.name)
+        self.mode = opts.mode
+        self.pool = opts.pool or self.address
+        self.schedd_name = opts.schedd_name or self.host
+        self.batch_queue = opts.batch_queue or queue.queue or ""
+        self.keep_finished = opts.keep_finished
+        self.keep_held = opts.keep_held
+        self.extra = dict(opts.submit)
+        self.local_schedd = opts.local_schedd or None
+        self.location = opts.location
+        work = opts.work_dir or os.path.join(tempfile.gettempdir(), "sitedirector", queue.name)
         self.work_dir = Path(work)
         self._schedd: Any = None
 
@@ -186,7 +222,41 @@ class HTCondorCEComputingElement(ComputingElement):
             tmp.replace(path)
         return path
 
-    def description(self, stamps: Sequence[str], wrapper: str) -> htcondor2.Submit:
+    @property
+    def token_dir(self) -> Path:
+        """Where the per-pilot token files wait for the schedd to send them (mode 0700)."""
+        return self.work_dir / "tokens"
+
+    def _write_tokens(self, stamps: Sequence[str]) -> Optional[Path]:
+        """Each pilot's token as the file its proc transfers; ``None`` when the pilots share the wrapper's token."""
+        tokens = self.bundle.token_files(stamps)
+        if not tokens:
+            return None
+        self.token_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.token_dir.chmod(0o700)
+        for stamp, token in tokens.items():
+            fd = os.open(self.token_dir / token_file(stamp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(token)
+        return self.token_dir
+
+    def _remove_tokens(self, stamps: Sequence[str]) -> None:
+        for stamp in stamps:
+            (self.token_dir / token_file(stamp)).unlink(missing_ok=True)
+
+    def _reap_tokens(self) -> None:
+        """Delete the token files of pilots the schedd no longer holds (grid mode: the local schedd forwards a
+        job's input to the CE some time after submission, so a file stays while its job is in the queue)."""
+        files = [p.name for p in self.token_dir.glob(TOKEN_FILE_PREFIX + "*")] if self.token_dir.is_dir() else []
+        if not files:
+            return
+        name = classad2.quote(self.queue.name)
+        ads = self._call("query", lambda s: s.query(f"SiteDirectorQueue == {name}", ["PilotStamp"]))
+        queued = {token_file(str(ad.get("PilotStamp", ""))) for ad in ads}
+        for stale in set(files) - queued:
+            (self.token_dir / stale).unlink(missing_ok=True)
+
+    def description(self, stamps: Sequence[str], wrapper: str, token_dir: Optional[Path] = None) -> htcondor2.Submit:
         """The submit description for one cluster of pilots, one proc per stamp."""
         q = self.queue
         lines = {
@@ -223,6 +293,10 @@ class HTCondorCEComputingElement(ComputingElement):
         elif cred is not None and cred.type == "proxy":
             lines["x509userproxy"] = str(cred.get("file"))
         lines.update(self.extra)
+        if token_dir is not None:
+            # Each proc brings its own pilot's token file, plus whatever the queue's own submit commands send.
+            own = f"{token_dir}/{TOKEN_FILE_PREFIX}$(stamp)"
+            lines["transfer_input_files"] = ", ".join(filter(None, (own, lines.get("transfer_input_files", ""))))
         text = "\n".join(f"{k} = {v}" for k, v in lines.items())
         return htcondor2.Submit(f"{text}\nqueue stamp in ({', '.join(stamps)})\n")
 
@@ -235,9 +309,11 @@ class HTCondorCEComputingElement(ComputingElement):
             return []
         try:
             wrapper = self._wrapper_file()
+            token_dir = self._write_tokens(stamps)
         except OSError as exc:
-            raise CEError(f"cannot write the pilot wrapper: {exc}") from exc
-        sub = self.description(stamps, str(wrapper))
+            self._remove_tokens(stamps)
+            raise CEError(f"cannot write the pilot wrapper or tokens: {exc}") from exc
+        sub = self.description(stamps, str(wrapper), token_dir)
         spool = self.mode == "remote"
 
         def do(schedd: Any) -> Any:
@@ -246,7 +322,13 @@ class HTCondorCEComputingElement(ComputingElement):
                 schedd.spool(result)
             return result
 
-        result = self._call("submit", do)
+        try:
+            result = self._call("submit", do)
+        except CEError:
+            self._remove_tokens(stamps)
+            raise
+        if spool:  # spool() sent every proc's token file to the CE
+            self._remove_tokens(stamps)
         cluster, first = result.cluster(), result.first_proc()
         log.info("%s: cluster %d with %d pilots on %s", self.queue.name, cluster, len(stamps), self.address)
         return [PilotRef(self._ref(cluster, first + i), stamp) for i, stamp in enumerate(stamps)]
@@ -291,8 +373,10 @@ class HTCondorCEComputingElement(ComputingElement):
         """Remove this queue's completed and failed-hold jobs that the director no longer tracks.
 
         Tracked pilots stay until the scheduler has their final state (the next cycle), so a pilot that
-        ends between ``status`` and ``cleanup`` is never removed unseen.
+        ends between ``status`` and ``cleanup`` is never removed unseen. Token files of pilots no longer in the
+        queue go first (those of the jobs removed here, next time).
         """
+        self._reap_tokens()
         name = classad2.quote(self.queue.name)
         held = " || ".join(f"HoldReasonCode == {c}" for c in sorted(_HOLD_WAITING))
         constraint = f"SiteDirectorQueue == {name} && (JobStatus == 4 || (JobStatus == 5 && !({held})))"

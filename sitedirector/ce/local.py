@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from pydantic import Field
+
 from .base import (
     ABORTED,
     DELETED,
@@ -27,6 +29,7 @@ from .base import (
     RUNNING,
     UNKNOWN,
     CEError,
+    CEOptions,
     CEQueueFull,
     ComputingElement,
     PilotRef,
@@ -41,13 +44,19 @@ class LocalComputingElement(ComputingElement):
 
     type_name = "local"
 
+    class Options(CEOptions):
+        """``slots``: pilots running at once (default the CPU count); ``python``: default the pilot settings'."""
+
+        slots: Optional[int] = Field(None, ge=1)
+        python: str = ""
+
     def __init__(self, queue: Any, bundle: Any = None) -> None:
         super().__init__(queue, bundle)
-        opts = queue.options or {}
-        self.slots = int(opts.get("slots") or os.cpu_count() or 1)
-        work = opts.get("work_dir") or os.path.join(tempfile.gettempdir(), "sitedirector", queue.name)
+        opts = self.read_options(queue)
+        self.slots = opts.slots or os.cpu_count() or 1
+        work = opts.work_dir or os.path.join(tempfile.gettempdir(), "sitedirector", queue.name)
         self.work_dir = Path(work)
-        self.python = str(opts.get("python") or getattr(getattr(bundle, "pilot", None), "python", "python3"))
+        self.python = opts.python or str(getattr(getattr(bundle, "pilot", None), "python", "python3"))
         self.host = socket.gethostname()
         self._procs: dict[str, subprocess.Popen] = {}
 
@@ -114,7 +123,6 @@ class LocalComputingElement(ComputingElement):
         if free <= 0:
             raise CEQueueFull(f"all {self.slots} local slots busy")
         refs = []
-        env = {**os.environ, **self.bundle.pilot_env()}
         for stamp in list(stamps)[:free]:
             d = self._dir(stamp)
             d.mkdir()
@@ -125,7 +133,7 @@ class LocalComputingElement(ComputingElement):
             try:
                 proc = subprocess.Popen(
                     ["sh", "-c", script, "sh", str(d)],
-                    env=env,
+                    env={**os.environ, **self.bundle.pilot_env(stamp)},  # this pilot's own token, off the command line
                     cwd=d,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,

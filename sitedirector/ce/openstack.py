@@ -31,7 +31,9 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from pydantic import Field, StrictBool, field_validator
 
 from .base import (
     DELETED,
@@ -42,6 +44,7 @@ from .base import (
     SUBMITTED,
     UNKNOWN,
     CEError,
+    CEOptions,
     CEQueueFull,
     ComputingElement,
     PilotRef,
@@ -286,6 +289,36 @@ class OpenStackComputingElement(ComputingElement):
 
     type_name = "openstack"
 
+    class Options(CEOptions):
+        """The queue options of the module docstring; flavor and image are checked when the first pilot boots."""
+
+        flavor: str = ""
+        image: str = ""
+        network: Union[str, List[str], None] = None
+        key_name: str = ""
+        security_groups: List[str] = Field(default_factory=list)
+        availability_zone: str = ""
+        #: Default ``gd-<queue name>-``.
+        name_prefix: str = ""
+        microversion: str = MICROVERSION
+        max_concurrent_creates: int = Field(3, ge=1)
+        build_timeout: float = Field(1800.0, ge=0)
+        max_lifetime: float = Field(0.0, ge=0)
+        idle_timeout: float = Field(0.0, ge=0)
+        orphan_grace: float = Field(600.0, ge=0)
+        region_name: Optional[str] = None
+        interface: str = "public"
+        compute_endpoint: Optional[str] = None
+        verify: Union[StrictBool, str, None] = None
+
+        @field_validator("flavor", "image", "microversion", "network", mode="before")
+        @classmethod
+        def _numbers_as_text(cls, value: Any) -> Any:
+            """YAML reads a flavor id ``2`` or a microversion ``2.79`` as a number; they are names."""
+            if isinstance(value, list):
+                return [str(v) if isinstance(v, (int, float)) else v for v in value]
+            return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
     def __init__(
         self,
         queue: Any,
@@ -295,16 +328,16 @@ class OpenStackComputingElement(ComputingElement):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(queue, bundle)
-        opts: Dict[str, Any] = dict(getattr(queue, "options", {}) or {})
+        opts = self.read_options(queue)
         self.options = opts
         self.clock = clock
-        self.name_prefix = str(opts.get("name_prefix") or f"gd-{queue.name}-")
-        self.microversion = str(opts.get("microversion", MICROVERSION))
-        self.max_concurrent = max(1, int(opts.get("max_concurrent_creates", 3)))
-        self.build_timeout = float(opts.get("build_timeout", 1800))
-        self.max_lifetime = float(opts.get("max_lifetime", 0))
-        self.idle_timeout = float(opts.get("idle_timeout", 0))
-        self.orphan_grace = float(opts.get("orphan_grace", 600))
+        self.name_prefix = opts.name_prefix or f"gd-{queue.name}-"
+        self.microversion = opts.microversion
+        self.max_concurrent = opts.max_concurrent_creates
+        self.build_timeout = opts.build_timeout
+        self.max_lifetime = opts.max_lifetime
+        self.idle_timeout = opts.idle_timeout
+        self.orphan_grace = opts.orphan_grace
         self._session = session
         self._compute: Optional[ks_adapter.Adapter] = None
         self._resolved: Dict[str, Any] = {}
@@ -317,15 +350,15 @@ class OpenStackComputingElement(ComputingElement):
             cred = getattr(self.queue, "credentials", None)
             if cred is None:
                 raise CEError(f"queue {self.queue.name}: no credentials for OpenStack")
-            self._session = make_session(cred, verify=self.options.get("verify"))
+            self._session = make_session(cred, verify=self.options.verify)
         return self._session
 
     def _adapter(self, service_type: str, **kwargs: Any) -> ks_adapter.Adapter:
         return ks_adapter.Adapter(
             self.session,
             service_type=service_type,
-            interface=self.options.get("interface", "public"),
-            region_name=self.options.get("region_name"),
+            interface=self.options.interface,
+            region_name=self.options.region_name,
             raise_exc=False,
             **kwargs,
         )
@@ -335,7 +368,7 @@ class OpenStackComputingElement(ComputingElement):
         if self._compute is None:
             self._compute = self._adapter(
                 "compute",
-                endpoint_override=self.options.get("compute_endpoint"),
+                endpoint_override=self.options.compute_endpoint,
                 default_microversion=self.microversion,
             )
         return self._compute
@@ -364,7 +397,7 @@ class OpenStackComputingElement(ComputingElement):
     # -- name resolution -----------------------------------------------------------------------------------------
 
     def _flavor_id(self) -> str:
-        wanted = self.options.get("flavor")
+        wanted = self.options.flavor
         if not wanted:
             raise CEError(f"OpenStack queue {self.queue.name}: options.flavor is required")
         key = f"flavor:{wanted}"
@@ -392,7 +425,7 @@ class OpenStackComputingElement(ComputingElement):
         return items[0]["id"]
 
     def _image_id(self) -> str:
-        wanted = str(self.options.get("image") or "")
+        wanted = self.options.image
         if not wanted:
             raise CEError(f"OpenStack queue {self.queue.name}: options.image is required")
         if _UUID.match(wanted):
@@ -403,7 +436,7 @@ class OpenStackComputingElement(ComputingElement):
         return self._resolved[key]
 
     def _networks(self) -> Any:
-        wanted = self.options.get("network")
+        wanted = self.options.network
         if wanted in (None, "", "auto", "none"):
             return wanted or "auto"
         names = wanted if isinstance(wanted, list) else [wanted]
@@ -463,10 +496,10 @@ class OpenStackComputingElement(ComputingElement):
             "tags": [OWNER_TAG],
         }
         for key in ("key_name", "availability_zone"):
-            if self.options.get(key):
-                base[key] = self.options[key]
-        if self.options.get("security_groups"):
-            base["security_groups"] = [{"name": g} for g in self.options["security_groups"]]
+            if getattr(self.options, key):
+                base[key] = getattr(self.options, key)
+        if self.options.security_groups:
+            base["security_groups"] = [{"name": g} for g in self.options.security_groups]
         refs: List[PilotRef] = []
         errors: List[CEError] = []
         full = threading.Event()  # set at the first quota error: boots not yet started are skipped
@@ -605,13 +638,6 @@ class OpenStackComputingElement(ComputingElement):
                 removed.append(ref or PilotRef(server["id"], meta.get("gd_stamp", ""), {"name": server.get("name")}))
                 removed[-1].extra["reaped"] = reason
         return removed
-
-    def adopt(self) -> list[PilotRef]:
-        """References of every live server we own (for a director that restarts without its own records)."""
-        return [
-            PilotRef(s["id"], (s.get("metadata") or {}).get("gd_stamp", ""), {"name": s.get("name")})
-            for s in self.list_owned()
-        ]
 
     def close(self) -> None:
         if self._session is not None:

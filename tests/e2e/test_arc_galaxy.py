@@ -48,7 +48,7 @@ class SiteDirectorRun:
     def __init__(self, home: Path, wms: WMSServer, ce: arc_server.ArcCE) -> None:
         home.mkdir(parents=True, exist_ok=True)
         config = {
-            "scheduler": {"url": wms.url, "token": wms.token("pilot")},
+            "scheduler": {"url": wms.url, "token": wms.token("director")},
             "cycle_interval": 2,
             "work_dir": str(home / "work"),
             "credentials": {"proxy": {"type": "proxy", "file": str(ce.proxy)}},

@@ -28,12 +28,14 @@ def jdl(site: str, **attributes: Any) -> str:
 
 
 class Scheduler:
-    """A running ``galaxy-dirac-wms serve`` plus runner/admin/pilot clients."""
+    """A running ``galaxy-dirac-wms serve`` plus runner/admin clients and director/pilot tokens."""
 
     def __init__(self, server: WMSServer) -> None:
         self.server = server
         self.url = server.url
+        #: For pilots started by hand; a SiteDirector gets :attr:`director_token` and mints one per pilot.
         self.pilot_token = self.token("pilot")
+        self.director_token = self.token("director")
         self.runner = requests.Session()
         self.runner.headers["Authorization"] = f"Bearer {self.token('runner', 'alice', 'galaxy_user')}"
         self.admin = requests.Session()
@@ -86,7 +88,7 @@ def uid() -> str:
 
 def write_config(path: Path, sched: Scheduler, queues: list[dict], **top: Any) -> Path:
     doc = {
-        "scheduler": {"url": sched.url, "token": sched.pilot_token},
+        "scheduler": {"url": sched.url, "token": sched.director_token},
         "cycle_interval": 1,
         "work_dir": str(path.parent / "work"),
         "pilot": {"max_idle": 5, "max_empty_matches": 1, "heartbeat_interval": 1},

@@ -9,17 +9,20 @@ payload, so a test that kills one ends its payload itself (and the fixture ends 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import requests
 
+from sitedirector.bundle import Bundle
 from sitedirector.ce.arc import ArcComputingElement, load_csr_public_key, parse_options, pilot_state
 from sitedirector.ce.base import ABORTED, DONE, FAILED, RUNNING, UNKNOWN, WAITING, CEError, PilotRef
-from sitedirector.config import ConfigError, Credential, QueueConfig, load, parse
+from sitedirector.config import ConfigError, Credential, PilotSettings, QueueConfig, load, parse
 from sitedirector.director import Director
 
 from . import arc_server
@@ -40,6 +43,9 @@ class Wrapper:
 
     def wrapper(self, stamp: Any = None) -> str:
         return "#!/bin/sh\n" + self.script
+
+    def token_files(self, stamps: Any) -> dict[str, str]:
+        return {}
 
 
 def arc_queue(ce: arc_server.ArcCE, name: str, cred: Credential, tmp_path: Path, **options: Any) -> QueueConfig:
@@ -100,14 +106,14 @@ ARC_DOC = {
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"endpoint": ""}, r"queues\[0\] \(arc1\)\.endpoint: required for type arc"),
+        ({"endpoint": ""}, r"queues\.0\.endpoint: required for type arc"),
         ({"endpoint": "http://arc.a.org/arex"}, r"\.endpoint: must be an https URL"),
         ({"queue": ""}, r"\.queue: required for type arc"),
         ({"credentials": None}, r"\.credentials: required for type arc"),
         ({"credentials": "k"}, r"\.credentials: 'k' is of type 'keystone_password'; an ARC queue takes proxy or"),
-        ({"options": {"delegation_lifetme": 3600}}, r"\.options\.delegation_lifetme: unknown option for type arc"),
-        ({"options": {"delegation_lifetime": 10}}, r"\.options\.delegation_lifetime: must be an integer >= 600"),
-        ({"options": {"rest_version": "2.0"}}, r"\.options\.rest_version: must be auto, 1\.0 or 1\.1"),
+        ({"options": {"delegation_lifetme": 3600}}, r"\.options\.delegation_lifetme: Extra inputs are not permitted"),
+        ({"options": {"delegation_lifetime": 10}}, r"\.options\.delegation_lifetime: Input should be greater than"),
+        ({"options": {"rest_version": "2.0"}}, r"\.options\.rest_version: Input should be 'auto', '1\.0' or '1\.1'"),
         ({"options": {"environment": {"1X": "y"}}}, r"\.options\.environment: must be a mapping"),
     ],
 )
@@ -226,7 +232,7 @@ def test_kill_and_the_payload_it_leaves(arex: arc_server.ArcCE, tmp_path: Path) 
 
 @pytest.mark.arc
 @pytest.mark.slow
-def test_bad_credentials_back_the_queue_off(arex: arc_server.ArcCE, tmp_path: Path) -> None:
+def test_bad_credentials_back_the_queue_off(arex: arc_server.ArcCE, scheduler: Scheduler, tmp_path: Path) -> None:
     # A proxy from the same CA whose identity the CE does not allow.
     intruder = ArcComputingElement(arc_queue(arex, "intruder", proxy_cred(arex.intruder_proxy), tmp_path), Wrapper(""))
     with pytest.raises(CEError, match=r"not authorised \(HTTP 403 .*proxy .*intruder.*check that it is valid"):
@@ -246,7 +252,7 @@ def test_bad_credentials_back_the_queue_off(arex: arc_server.ArcCE, tmp_path: Pa
 
     # Through the director: the failed cycle backs the queue off with the CE's message.
     cfg = parse({
-        "scheduler": {"url": "http://127.0.0.1:9", "token": "t"}, "backoff_cycles": 2,
+        "scheduler": {"url": scheduler.url, "token": scheduler.director_token}, "backoff_cycles": 2,
         "credentials": {"intruder": {"type": "proxy", "file": str(arex.intruder_proxy)}},
         "queues": [{"name": "intruder", "type": "arc", "site": "ARC.test.org", "endpoint": arex.endpoint,
                     "queue": "fork", "credentials": "intruder", "options": {"verify": str(arex.ca_file)}}],
@@ -260,6 +266,40 @@ def test_bad_credentials_back_the_queue_off(arex: arc_server.ArcCE, tmp_path: Pa
         assert "not authorised (HTTP 403" in st.health.last_error
     finally:
         director.shutdown()
+
+
+#: A stand-in pilot zipapp: prints its stamp and the token the wrapper handed it, and ends.
+SHOW_TOKEN = """import sys
+args = sys.argv[1:]
+print(args[args.index("--stamp") + 1], open(args[args.index("--token-file") + 1]).read())
+"""
+
+
+@pytest.mark.arc
+@pytest.mark.slow
+def test_each_pilot_gets_its_own_token_file(arex: arc_server.ArcCE, tmp_path: Path) -> None:
+    """The real shared wrapper on the real CE: each job's session gets its own pilot-token-<stamp>, which the
+    wrapper hands to its pilot and deletes; no pilot sees another's token, none sees the director's."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("__main__.py", SHOW_TOKEN)
+    queue = arc_queue(arex, "tokens", proxy_cred(arex.proxy), tmp_path)
+    bundle = Bundle("http://127.0.0.1:1", "director-token", queue, PilotSettings(python="/usr/bin/python3"),
+                    zipapp=buffer.getvalue())  # fmt: skip
+    bundle.issue({"tokA": "token-of-A", "tokB": "token-of-B"})
+    ce = ArcComputingElement(queue, bundle)
+    try:
+        refs = ce.submit(["tokA", "tokB"])
+        wait_for(lambda: set(states(ce, refs).values()) == {DONE}, 90, "the pilots to finish", interval=0.5)
+        for ref, token in zip(refs, ("token-of-A", "token-of-B")):
+            job = ce.job_id(ref.reference)
+            out = ce._api("GET", f"/jobs/{job}/session/pilot.out", "fetch").text
+            assert out == f"{ref.stamp} {token}\n"
+            with pytest.raises(CEError, match="404"):
+                ce._api("GET", f"/jobs/{job}/session/pilot-token-{ref.stamp}", "fetch the delivered token")
+        assert sorted(r.stamp for r in ce.cleanup([])) == ["tokA", "tokB"]
+    finally:
+        ce.close()
 
 
 @pytest.mark.arc

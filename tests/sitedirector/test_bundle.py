@@ -1,21 +1,27 @@
 """The pilot wrapper and cloud-init user data, executed for real: bash runs the wrapper in a temp dir on this
-machine against the real scheduler process, and the embedded pilot matches and runs a job."""
+machine against the real scheduler process, and the embedded pilot matches and runs a job. Each pilot carries
+its own token: embedded in a one-stamp wrapper, delivered as a file beside the shared one."""
 
 from __future__ import annotations
 
 import base64
 import gzip
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sitedirector.bundle import VM_USER, WRAPPER_PATH, Bundle
+from galaxy_dirac.wms.auth import verify_token_with_expiry
+from galaxy_dirac.wms.config import Settings
+from sitedirector.bundle import VM_USER, WRAPPER_PATH, Bundle, token_file
 from sitedirector.config import PilotSettings, QueueConfig
+from sitedirector.director import SchedulerClient
 
 from .conftest import Scheduler, jdl, wait_for
 
@@ -29,14 +35,29 @@ def make_bundle(url: str = "http://127.0.0.1:1", token: str = "secret-token-valu
     return Bundle(url, token, queue, PilotSettings(max_idle=5, max_empty_matches=1, heartbeat_interval=1))
 
 
-def run_wrapper(script: str, tmp: Path, env: dict | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+def run_wrapper(
+    script: str, tmp: Path, env: dict | None = None, timeout: float = 90, args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     path = tmp / "wrapper.sh"
     path.write_text(script)
     base = tmp / "scratch"
     base.mkdir(exist_ok=True)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GALAXY_DIRAC_")}
     clean.update({"GALAXY_DIRAC_PILOT_BASE": str(base), "GALAXY_DIRAC_PILOT_MATCH_WAIT": "1", **(env or {})})
-    return subprocess.run(["bash", str(path)], env=clean, cwd=tmp, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(path), *args], env=clean, cwd=tmp, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def embedded_token(script: str) -> str:
+    """The token a wrapper script carries (compressed and base64-encoded, as the wrapper writes it)."""
+    (blob,) = re.findall(r'^token = zlib\.decompress\(base64\.b64decode\("([^"]*)"\)\)$', script, re.M)
+    return zlib.decompress(base64.b64decode(blob)).decode()
+
+
+def cloud_init_wrapper(user_data: bytes) -> str:
+    (wf,) = yaml.safe_load(gzip.decompress(user_data).decode())["write_files"]
+    return gzip.decompress(base64.b64decode(wf["content"])).decode()
 
 
 def test_wrapper_keeps_token_off_the_command_line() -> None:
@@ -117,3 +138,46 @@ def test_wrapper_forwards_sigterm_to_the_pilot(scheduler: Scheduler, tmp_path: P
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_each_pilot_carries_its_own_token_and_no_other() -> None:
+    b = make_bundle(token="shared-token")
+    assert embedded_token(b.wrapper("s1")) == "shared-token" and b.token_files(["s1"]) == {}, "nothing issued yet"
+    b.issue({"s1": "token-of-s1", "s2": "token-of-s2"})
+    for stamp, other in (("s1", "token-of-s2"), ("s2", "token-of-s1")):
+        assert embedded_token(b.wrapper(stamp)) == f"token-of-{stamp}"
+        assert embedded_token(cloud_init_wrapper(b.cloud_init(stamp))) == f"token-of-{stamp}"
+        assert b.pilot_env(stamp) == {"GALAXY_DIRAC_PILOT_TOKEN": f"token-of-{stamp}"}
+        assert other not in b.cloud_config(stamp) and "shared-token" not in b.cloud_config(stamp)
+    # The script a whole cluster shares carries no token at all: the CE delivers each pilot's beside it.
+    assert embedded_token(b.wrapper(None)) == ""
+    assert b.token_files(["s2"]) == {"s2": "token-of-s2"}
+    with pytest.raises(KeyError, match="no token was issued for pilot s3"):
+        b.wrapper("s3")  # never the shared token (or another pilot's) by accident
+    b.issue(None)  # an older scheduler: the shared token again, in the shared wrapper too
+    assert embedded_token(b.wrapper(None)) == "shared-token" and b.token_files(["s1"]) == {}
+
+
+def test_shared_wrapper_runs_the_pilot_with_its_delivered_token(scheduler: Scheduler, tmp_path: Path, uid: str) -> None:
+    """``wrapper(None)`` with the stamp as $1 reads pilot-token-<stamp> from its working directory, moves it into
+    the private work dir and deletes it; the pilot registers and runs a job with that one-pilot token."""
+    site, stamp = f"LCG.{uid}.test", f"file{uid}"
+    tokens = SchedulerClient(scheduler.url, scheduler.director_token).pilot_tokens([stamp], site)
+    assert tokens is not None
+    b = make_bundle(scheduler.url, "shared-token", site)
+    b.issue(tokens)
+    script = b.wrapper(None)
+    missing = run_wrapper(script, tmp_path, args=(stamp,))
+    assert missing.returncode == 72 and f"no pilot token: {token_file(stamp)} was not delivered" in missing.stderr
+    (job_id,) = scheduler.submit(jdl(site, Arguments="with its own token"))
+    delivered = tmp_path / token_file(stamp)
+    delivered.write_text(tokens[stamp] + "\n")
+    result = run_wrapper(script, tmp_path, args=(stamp,))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not delivered.exists(), "the wrapper deletes the delivered token file"
+    assert list((tmp_path / "scratch").iterdir()) == []
+    assert scheduler.job(job_id)["Status"] == "Done"
+    (row,) = scheduler.pilots(stamp=stamp)
+    assert (row["Status"], row["MatchedJobs"], row["GridSite"]) == ("Done", 1, site)
+    principal, _ = verify_token_with_expiry(Settings(home=str(scheduler.server.home)).signing_key(), tokens[stamp])
+    assert (principal.role, principal.pilot_stamp, principal.pilot_site) == ("pilot", stamp, site)

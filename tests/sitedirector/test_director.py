@@ -6,14 +6,21 @@ HTCondorCE backends have their own end-to-end tests.
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
+import pytest
+
+from galaxy_dirac.wms.auth import verify_token_with_expiry
+from galaxy_dirac.wms.config import Settings
 from sitedirector import cli
 from sitedirector.ce.base import ComputingElement, PilotRef, PilotStatus
-from sitedirector.config import load
-from sitedirector.director import Director
+from sitedirector.config import load, parse
+from sitedirector.director import Director, SchedulerClient
+from tests.pilot.conftest import LocalServer, Reply, Request, json_reply
 
 from .conftest import Scheduler, jdl, wait_for, write_config
 
@@ -107,3 +114,104 @@ def test_once_fails_when_the_scheduler_is_down(tmp_path: Path, caplog) -> None: 
     )
     assert cli.main(["once", "-c", str(cfg)]) == 1
     assert "scheduler unavailable" in caplog.text
+
+
+class TokenCE(RecordingCE):
+    """Records, at submit time, the token each pilot's payload would carry (what the bundle hands the CE)."""
+
+    def __init__(self, queue, bundle) -> None:  # noqa: ANN001 - the factory signature
+        super().__init__(queue, bundle)
+        self.carried: dict[str, str] = {}
+        self.shared_wrapper: list[str] = []
+
+    def submit(self, stamps: Sequence[str]) -> list[PilotRef]:
+        self.carried.update({s: self.bundle.token_for(s) for s in stamps})
+        self.shared_wrapper.append(self.bundle.wrapper(None))
+        return super().submit(stamps)
+
+
+def test_every_pilot_gets_a_token_for_its_own_stamp_and_site(scheduler: Scheduler, tmp_path: Path, uid: str) -> None:
+    site = f"LCG.Tok{uid}.org"
+    cfg = write_config(tmp_path / "sd.yml", scheduler, [{"name": f"tok{uid}", "type": "local", "site": site}])
+    scheduler.submit(jdl(site), jdl(site))
+    director = Director(load(cfg), ce_factory=TokenCE)
+    try:
+        director.cycle(wait=True)
+        st = director.queues[f"tok{uid}"]
+        assert st.submitted == 2 and st.health.failures == 0, st.health
+        carried = st.ce.carried
+        assert len(set(carried.values())) == 2 and scheduler.director_token not in carried.values()
+        key = Settings(home=str(scheduler.server.home)).signing_key()
+        for stamp, token in carried.items():
+            principal, _ = verify_token_with_expiry(key, token)
+            assert (principal.role, principal.pilot_stamp, principal.pilot_site) == ("pilot", stamp, site)
+            assert token not in st.ce.shared_wrapper[0]
+        assert {p["PilotStamp"] for p in scheduler.pilots(queue=f"tok{uid}")} == set(carried)
+    finally:
+        director.shutdown()
+
+
+def test_a_one_pilot_token_cannot_run_a_director(scheduler: Scheduler, tmp_path: Path, uid: str) -> None:
+    """A 403 is a misconfiguration, not an older scheduler: nothing is submitted and the queue backs off."""
+    site = f"LCG.One{uid}.org"
+    tokens = SchedulerClient(scheduler.url, scheduler.director_token).pilot_tokens([f"one{uid}"], site)
+    assert tokens is not None
+    queues = [{"name": f"one{uid}", "type": "local", "site": site}]
+    cfg = write_config(
+        tmp_path / "sd.yml", scheduler, queues, scheduler={"url": scheduler.url, "token": tokens[f"one{uid}"]}
+    )
+    director = Director(load(cfg), ce_factory=TokenCE)
+    try:
+        st = director.queues[f"one{uid}"]
+        director._queue_task(st, [], 1)
+        assert st.ce.carried == {} and st.health.failures == 1
+        assert "HTTP 403" in st.health.last_error and "may act for that pilot only" in st.health.last_error
+    finally:
+        director.shutdown()
+
+
+class OlderScheduler:
+    """A scheduler from before per-pilot tokens: it records pilots, and knows no tokens route (404)."""
+
+    def __init__(self) -> None:
+        self.added: list[dict] = []
+
+    def __call__(self, request: Request) -> Reply:
+        if (request.method, request.path) == ("POST", "/api/x-embedded/pilots"):
+            self.added.append(json.loads(request.body))
+            return json_reply([len(self.added)])
+        return json_reply({"detail": "Not Found"}, 404)
+
+
+@pytest.fixture
+def older_scheduler() -> Iterator[tuple[str, OlderScheduler]]:
+    app = OlderScheduler()
+    server = LocalServer(app)
+    yield server.url, app
+    server.close()
+
+
+def test_an_older_scheduler_gets_the_shared_token_with_one_warning(
+    older_scheduler: tuple[str, OlderScheduler], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url, app = older_scheduler
+    config = parse(
+        {
+            "scheduler": {"url": url, "token": "site-wide-pilot-token"},
+            "work_dir": str(tmp_path),
+            "queues": [{"name": "a", "type": "local", "site": "S.a"}, {"name": "b", "type": "local", "site": "S.b"}],
+        }
+    )
+    director = Director(config, ce_factory=TokenCE)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sitedirector"):
+            for _ in range(2):
+                for st in director.queues.values():
+                    director._submit(st, 2)
+        for st in director.queues.values():
+            assert st.submitted == 4 and set(st.ce.carried.values()) == {"site-wide-pilot-token"}
+        assert len(app.added) == 4
+        warnings = [r.getMessage() for r in caplog.records if "cannot mint per-pilot tokens" in r.getMessage()]
+        assert sorted(w.split(":")[0] for w in warnings) == ["a", "b"], "one warning per queue"
+    finally:
+        director.shutdown()

@@ -41,7 +41,7 @@ def make_ce(
     tmp_path: Path, mode: str = "remote", token: str = "", name: str = "ce1", cred_type: str = "scitoken"
 ) -> HTCondorCEComputingElement:
     doc = {
-        "scheduler": {"url": "http://127.0.0.1:1", "token": "pilot-token"},
+        "scheduler": {"url": "http://127.0.0.1:1", "token": "shared-token-value"},
         "credentials": {},
         "queues": [
             {
@@ -78,7 +78,7 @@ def test_n_pilots_in_one_cluster_one_transaction(schedd: ScheddDouble, tmp_path:
     assert ads[0]["queue"] == "long" and ads[0]["SiteDirectorQueue"] == "ce1"
     assert ads[0].eval("RequestCpus") == 8 and ads[0].eval("RequestMemory") == 16000
     wrapper = Path(ads[0]["Cmd"]).read_text()
-    assert '--stamp "$1"' in wrapper and "pilot-token" not in wrapper
+    assert '--stamp "$1"' in wrapper and "shared-token-value" not in wrapper
     # After spool() the jobs are idle: Waiting.
     assert {s.state for s in ce.status(refs).values()} == {"Waiting"}
 
@@ -263,3 +263,67 @@ def test_unknown_too_long_becomes_aborted(schedd: ScheddDouble, scheduler: Sched
         assert row["Status"] == "Aborted" and "Unknown for more than 600" in row["StatusReason"]
     finally:
         director.shutdown()
+
+
+def ad_values(ad: object) -> str:
+    """Everything a job ad shows to whoever can query the schedd."""
+    return ad.printOld()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mode", ["remote", "grid"])
+def test_each_proc_transfers_its_own_token_file(schedd: ScheddDouble, tmp_path: Path, mode: str) -> None:
+    ce = make_ce(tmp_path, mode=mode)
+    tokens = {"s1": "token-of-s1", "s2": "token-of-s2"}
+    ce.bundle.issue(tokens)
+    sent: dict[str, str] = {}
+    spool = schedd.spool
+
+    def spool_reading_inputs(result: object) -> None:
+        for ad in schedd.jobs.values():  # what spool() sends: each proc's own input files, read now
+            sent[ad["PilotStamp"]] = Path(ad["Submit_transfer_input_files"]).read_text()
+        spool(result)
+
+    schedd.spool = spool_reading_inputs  # type: ignore[method-assign]
+    ce.submit(["s1", "s2"])
+    ads = {schedd.jobs[(1, i)]["PilotStamp"]: schedd.jobs[(1, i)] for i in range(2)}
+    for stamp, ad in ads.items():
+        path = Path(ad["Submit_transfer_input_files"])
+        assert path.name == f"pilot-token-{stamp}" and path.parent == ce.token_dir
+        assert not any(token in ad_values(ad) for token in tokens.values()), "no token in a job ad"
+    assert not any(token in Path(ads["s1"]["Cmd"]).read_text() for token in tokens.values())
+    if mode == "remote":
+        assert sent == tokens and list(ce.token_dir.iterdir()) == [], "spooled to the CE, then deleted here"
+    else:
+        assert {p.name: p.read_text() for p in ce.token_dir.iterdir()} == {
+            f"pilot-token-{s}": t for s, t in tokens.items()
+        }
+        assert {p.stat().st_mode & 0o777 for p in ce.token_dir.iterdir()} == {0o600}
+        assert ce.token_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_token_files_go_when_the_schedd_no_longer_holds_the_pilot(schedd: ScheddDouble, tmp_path: Path) -> None:
+    ce = make_ce(tmp_path, mode="grid")
+    ce.bundle.issue({"g1": "token-of-g1", "g2": "token-of-g2"})
+    refs = ce.submit(["g1", "g2"])
+    schedd.set_job(1, 0, JobStatus=4, ExitCode=0)
+    assert [r.stamp for r in ce.cleanup(refs[1:])] == ["g1"]
+    assert sorted(p.name for p in ce.token_dir.iterdir()) == ["pilot-token-g1", "pilot-token-g2"]
+    ce.cleanup(refs[1:])  # g1 is gone from the queue: its token file goes; g2 still waits to be forwarded
+    assert [p.name for p in ce.token_dir.iterdir()] == ["pilot-token-g2"]
+
+
+def test_the_queues_own_input_files_are_kept(schedd: ScheddDouble, tmp_path: Path) -> None:
+    ce = make_ce(tmp_path, mode="grid")
+    ce.extra["transfer_input_files"] = "/data/site.conf"
+    ce.bundle.issue({"x1": "token-of-x1"})
+    ce.submit(["x1"])
+    assert schedd.jobs[(1, 0)]["Submit_transfer_input_files"] == f"{ce.token_dir}/pilot-token-x1, /data/site.conf"
+
+
+def test_a_failed_submission_leaves_no_token_file(schedd: ScheddDouble, tmp_path: Path) -> None:
+    schedd.down = True
+    ce = make_ce(tmp_path, mode="grid")
+    ce.bundle.issue({"f1": "token-of-f1"})
+    with pytest.raises(CEError):
+        ce.submit(["f1"])
+    assert list(ce.token_dir.iterdir()) == []

@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
+from galaxy_dirac.wms.auth import verify_token_with_expiry
+from galaxy_dirac.wms.config import Settings
 from sitedirector.config import load
 from sitedirector.director import Director
 
@@ -154,3 +157,53 @@ def test_run_stops_cleanly_on_sigterm(scheduler: Scheduler, tmp_path: Path, uid:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_each_local_pilot_runs_with_its_own_token_only(scheduler: Scheduler, tmp_path: Path, uid: str) -> None:
+    """The director mints a token per pilot; each pilot registers and runs a job with it, and the token is
+    refused for anything another pilot (or another site, or a director) would do."""
+    q = local_queue(uid)
+    name, site = q["name"], q["site"]
+    pilot = {"max_idle": 30, "max_empty_matches": 2, "heartbeat_interval": 1}
+    cfg = write_config(tmp_path / "sd.yml", scheduler, [q], pilot=pilot)
+    job_ids = scheduler.submit(jdl(site, Arguments="one"), jdl(site, Arguments="two"))
+    director = Director(load(cfg))
+    try:
+        director.cycle(wait=True)
+        st = director.queues[name]
+        assert st.submitted == 2, st.health
+        stamps = sorted(p["PilotStamp"] for p in scheduler.pilots(queue=name))
+        tokens = {stamp: st.bundle.token_for(stamp) for stamp in stamps}
+        key = Settings(home=str(scheduler.server.home)).signing_key()
+        for stamp, token in tokens.items():
+            principal, _ = verify_token_with_expiry(key, token)
+            assert (principal.role, principal.pilot_stamp, principal.pilot_site) == ("pilot", stamp, site)
+            # The token is what the pilot process got, in its environment (readable by this user only).
+            pid = int((st.ce.work_dir / stamp / "pid").read_text())
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"GALAXY_DIRAC_PILOT_TOKEN={token}".encode() in environ
+            assert not any(t.encode() in b"".join(environ) for s, t in tokens.items() if s != stamp)
+        for job_id in job_ids:
+            wait_for(lambda j=job_id: scheduler.job(j)["Status"] == "Done", 60, f"job {job_id} Done")
+        wait_for(lambda: all(p["Status"] == "Done" for p in scheduler.pilots(queue=name)), 60, "pilots Done")
+        assert sum(p["MatchedJobs"] for p in scheduler.pilots(queue=name)) == 2
+
+        mine, other = stamps
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {tokens[mine]}"
+        api = f"{scheduler.url}/api/x-embedded"
+        refused = {
+            "mark another pilot Failed": http.patch(f"{api}/pilots/{other}", json={"status": "Failed"}, timeout=30),
+            "register as another pilot": http.post(f"{api}/pilots/register", json={"stamp": other, "site": site},
+                                                   timeout=30),
+            "match as another pilot": http.post(f"{api}/match", json={"Site": site, "PilotStamp": other}, timeout=30),
+            "match at another site": http.post(f"{api}/match", json={"Site": "LCG.Other.org", "PilotStamp": mine},
+                                               timeout=30),
+            "mint pilot tokens": http.post(f"{api}/pilots/tokens", json={"stamps": ["x"], "site": site}, timeout=30),
+        }  # fmt: skip
+        assert {what: r.status_code for what, r in refused.items()} == dict.fromkeys(refused, 403)
+        assert scheduler.pilots(stamp=other)[0]["Status"] == "Done", "the other pilot's record is untouched"
+        own = http.patch(f"{api}/pilots/{mine}", json={"status": "Done", "reason": "again"}, timeout=30)
+        assert own.status_code == 200, own.text
+    finally:
+        director.shutdown()

@@ -163,7 +163,7 @@ def test_max_lifetime_and_orphans_after_restart(cloud: Dict[str, Any]) -> None:
 
     # Director restart: a new CE instance, nothing tracked. Without refs, live VMs are kept...
     later = OpenStackComputingElement(make_queue("q-life", cred), Bundle())
-    assert sorted(r.reference for r in later.adopt()) == sorted(r.reference for r in refs)
+    assert sorted(s["id"] for s in later.list_owned()) == sorted(r.reference for r in refs)
     assert later.cleanup(None) == []
     # ...with the refs it does track (only l1), l2 is an orphan once past the grace period.
     aged = OpenStackComputingElement(
