@@ -69,6 +69,10 @@ async def _too_large(send: Any, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+#: How often each API worker asks the database whether another host queued jobs, sent commands or moved statuses.
+FOLLOW_INTERVAL = 1.0
+
+
 def create_app(settings: Settings) -> FastAPI:
     ctx = Context(settings)
 
@@ -83,6 +87,13 @@ def create_app(settings: Settings) -> FastAPI:
         for name, signal in shared:
             signal.share(os.path.join(ctx.settings.sandbox_dir, f".{name}.changed"))
             watchers.append(asyncio.create_task(signal.watch()))
+        # ...and those of other hosts, from one cheap query a second each, however many long polls are waiting.
+        probes = (
+            (taskqueues.changes, lambda: taskqueues.latest_event(ctx.engine)),
+            (jobs.commands_queued, lambda: jobs.latest_command(ctx.engine)),
+            (jobs.status_changes, lambda: jobs.latest_update(ctx.engine)),
+        )
+        watchers += [asyncio.create_task(signal.follow(probe, FOLLOW_INTERVAL)) for signal, probe in probes]
         try:
             yield
         finally:

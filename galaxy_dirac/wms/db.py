@@ -273,6 +273,15 @@ class JobToPilotMapping(Base):
 
 
 # --- not in DIRAC ----------------------------------------------------------------------------------------------
+class QueueEvents(Base):
+    """One row per transaction that queued jobs (submission, reschedule): its growing ``ID`` tells every API worker
+    of every host, with one cheap query a second, that waiting pilots should look again (``signals.follow``)."""
+
+    __tablename__ = "gd_QueueEvents"
+    ID: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    At: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
 class Leases(Base):
     """Who runs a singleton loop (the maintenance agents) among every API worker of every host on this database.
 

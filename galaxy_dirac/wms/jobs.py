@@ -768,12 +768,24 @@ def _hand_out_commands(conn: Any, ids: Sequence[int], now: dt.datetime) -> list[
 
 
 #: Bumped after a commit that changed some job's status, so a runner long-polling for its jobs' updates wakes at
-#: once (other API workers of the host through the marker file, other hosts at the long poll's re-read).
+#: once (other API workers of the host through the marker file, other hosts through ``Generation.follow``).
 status_changes = Generation()
 
 #: Bumped in this process whenever a command is queued, so a long-polling wrapper on this API worker wakes at once
 #: (those on other workers find it at their next database check).
 commands_queued = Generation()
+
+
+def latest_command(engine: Engine) -> Any:
+    """The newest command's id: it moves whenever a Kill was queued through any worker of any host."""
+    with read_transaction(engine) as conn:
+        return conn.execute(select(func.max(JobCommands.ID))).scalar()
+
+
+def latest_update(engine: Engine) -> Any:
+    """The latest status change of any job (an indexed maximum): what wakes runners waiting for their jobs."""
+    with read_transaction(engine) as conn:
+        return conn.execute(select(func.max(Jobs.LastUpdateTime))).scalar()
 
 
 @retrying

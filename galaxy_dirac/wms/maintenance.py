@@ -198,6 +198,7 @@ def _tq_housekeeping(engine: Engine, settings: Settings) -> int:
     with write_transaction(engine) as conn:
         deleted = taskqueues.delete_empty(conn)
         taskqueues.recalculate_priorities(conn, settings.group_shares)
+        taskqueues.prune_events(conn)
     return deleted
 
 

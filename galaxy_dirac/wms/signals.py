@@ -4,7 +4,8 @@ Long polls (a pilot's match, a wrapper's command poll) must wake when this API w
 must cost nothing while they wait: a thousand idle pilots polling a counter every 20 ms are 50,000 wake-ups a second.
 API workers on one host share a marker file (:meth:`Generation.share`): a bump touches it and each worker's
 :meth:`Generation.watch` task, one ``stat`` every quarter second whatever the number of waiters, wakes its own
-waiters. Workers on other hosts are covered by the long polls' occasional database re-read.
+waiters. Workers on other hosts are heard through the database: :meth:`Generation.follow` runs one cheap query a
+second per worker (the newest queue event, command, status change) and wakes the waiters when it moves.
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ class Generation:
         for loop, future in waiters:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_wake, future)
+
+    async def follow(self, probe: Callable[[], Any], interval: float = 1.0) -> None:
+        """Wake this process's waiters when ``probe()`` (a cheap query, in the thread pool) answers something new:
+        what other hosts did reaches the long polls here with one query per interval, however many waiters there
+        are. Runs until cancelled; a failing probe (database down) is tried again at the next interval."""
+        unread = last = object()  # the probe's answer may be None (an empty table)
+        while True:
+            with contextlib.suppress(Exception):
+                value = await run_in_threadpool(probe)
+                if last is not unread and value != last:
+                    self._wake()
+                last = value
+            await asyncio.sleep(interval)
 
     async def wait_past(self, seen: int, timeout: float) -> None:
         """Return once ``value`` differs from ``seen``, or after ``timeout`` seconds."""

@@ -311,7 +311,7 @@ def upgrade_and_check(release: str, old_code: dict[str, Path], db_url: str, engi
     after = snapshot(engine_for)
     for table, rows in before.items():
         assert after[table] == rows, table  # nothing lost, nothing changed
-    assert set(after) - set(before) <= {"sb_JobUploads", "gd_SiteDirectorDecisions", "gd_Leases"}
+    assert set(after) - set(before) <= {"sb_JobUploads", "gd_SiteDirectorDecisions", "gd_Leases", "gd_QueueEvents"}
     assert schema_diff(engine_for) == []
     again = migrations.upgrade(engine_for)
     assert not again.changed and snapshot(engine_for) == after and versions(engine_for) == [migrations.head()]

@@ -54,3 +54,28 @@ def test_a_bump_in_another_process_wakes_this_ones_waiters_through_the_marker(tm
         return time.monotonic() - started
 
     assert asyncio.run(wait()) < 10
+
+
+def test_follow_wakes_waiters_when_the_probe_moves_also_from_nothing() -> None:
+    """The probe's first answer is only a reading; a later different one (None → 1 when the first row appears, as
+    with an empty table) wakes; a failing probe neither wakes nor stops the follower."""
+    answers = iter([None, None, RuntimeError("database down"), None, 1, 1])
+
+    def probe() -> object:
+        answer = next(answers, 1)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def run() -> tuple[int, float]:
+        changes = Generation()
+        follower = asyncio.create_task(changes.follow(probe, interval=0.05))
+        started = time.monotonic()
+        await changes.wait_past(changes.value, 10)
+        waited = time.monotonic() - started
+        await asyncio.sleep(0.3)  # the probe stays at 1: no further wake-ups
+        follower.cancel()
+        return changes.value, waited
+
+    value, waited = asyncio.run(run())
+    assert value == 1 and waited < 5

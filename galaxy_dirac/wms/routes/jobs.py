@@ -86,8 +86,9 @@ def reschedule_jobs(
     return json_response(jobs.reschedule(ctx.engine, body.job_ids, caller, ctx.settings))
 
 
-#: A runner's long poll for updates re-reads the database this often (changes made through other hosts).
-UPDATES_RECHECK_INTERVAL = 5.0
+#: A runner's long poll for updates wakes on any status change (other hosts: within a second, ``Generation.follow``)
+#: and re-reads the database on its own only this often.
+UPDATES_RECHECK_INTERVAL = 60.0
 
 
 @router.get("/api/x-embedded/jobs/updates")

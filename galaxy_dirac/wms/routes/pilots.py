@@ -19,11 +19,12 @@ from .models import PilotRegistration, PilotsAdd, PilotStatusUpdate, PilotTokens
 
 router = APIRouter(tags=["pilots"], route_class=route_class())
 
-#: A long-polling match re-reads the database this often: jobs queued by this worker wake it at once, those of the
-#: other workers of this host within a quarter second (signals.Generation.watch); this covers other hosts.
-RECHECK_INTERVAL = 5.0
+#: A long-polling match wakes when jobs are queued: through this worker at once, through the other workers of this
+#: host within a quarter second (``Generation.watch``), through other hosts within a second (``Generation.follow``);
+#: on its own it re-reads the database only this often, a last resort that costs nothing while pilots wait.
+RECHECK_INTERVAL = 60.0
 #: The same for a wrapper's long poll for its job's commands (a Kill sent through another host's worker).
-COMMANDS_RECHECK_INTERVAL = 5.0
+COMMANDS_RECHECK_INTERVAL = 60.0
 
 
 @router.post("/api/x-embedded/pilots")
