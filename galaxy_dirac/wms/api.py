@@ -15,7 +15,7 @@ import orjson
 from fastapi import FastAPI, HTTPException
 from fastapi.staticfiles import StaticFiles
 
-from . import errors, jobs, maintenance, metrics, monitoring, routes, taskqueues
+from . import errors, jobs, maintenance, metrics, routes, taskqueues
 from .config import Settings
 from .context import Context
 
@@ -114,7 +114,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.ctx = ctx
     app.add_middleware(BodyLimit, settings=settings)
     errors.install_handlers(app)
-    monitoring.ensure_schema(ctx.engine)
     app.state.metrics = metrics.Registry()
     app.add_middleware(metrics.MetricsMiddleware, registry=app.state.metrics)
     app.mount("/monitor/static", StaticFiles(directory=routes.monitoring.STATIC_DIR), name="monitor-static")

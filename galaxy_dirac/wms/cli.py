@@ -91,7 +91,6 @@ def plot(settings: Settings, args: argparse.Namespace) -> int:
     """Aggregate straight from the database (no server needed) and write PNG, JSON or CSV."""
     from . import accounting
     from .db import create_schema, make_engine
-    from .monitoring import ensure_schema
 
     fmt = args.format or (os.path.splitext(args.output)[1].lstrip(".").lower() or "png")
     if fmt not in ("png", "json", "csv"):
@@ -99,7 +98,6 @@ def plot(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     engine = make_engine(settings.db)
     create_schema(engine)
-    ensure_schema(engine)
     try:
         data = accounting.aggregate(
             engine,

@@ -84,6 +84,9 @@ class Jobs(Base):
         Index("Status", "Status"),
         Index("StatusSite", "Status", "Site"),
         Index("LastUpdateTime", "LastUpdateTime"),
+        # Not DIRAC's: what the accounting queries need (migration 0002).
+        Index("gd_Jobs_EndExecTime", "EndExecTime"),
+        Index("gd_Jobs_StartExecTime", "StartExecTime"),
     )
 
 
@@ -109,7 +112,10 @@ class HeartBeatLoggingInfo(Base):
     Name: Mapped[str] = mapped_column(String(100))
     Value: Mapped[str] = mapped_column(Text)
     HeartBeatTime: Mapped[dt.datetime] = mapped_column(DateTime)
-    __table_args__ = (Index("HeartBeatLoggingInfo_JobID", "JobID"),)
+    __table_args__ = (
+        Index("HeartBeatLoggingInfo_JobID", "JobID"),
+        Index("gd_HeartBeat_JobID_Name", "JobID", "Name"),  # accounting (migration 0002)
+    )
 
 
 class JobCommands(Base):
@@ -261,7 +267,11 @@ class PilotAgents(Base):
     AccountingSent: Mapped[bool] = mapped_column(Boolean, default=False)
     # Not in DIRAC: how many jobs this pilot matched, so empty pilots are visible to the SiteDirector.
     MatchedJobs: Mapped[int] = mapped_column(Integer, default=0)
-    __table_args__ = (Index("PilotAgents_Status", "Status"), Index("PilotAgents_Queue", "Queue", "Status"))
+    __table_args__ = (
+        Index("PilotAgents_Status", "Status"),
+        Index("PilotAgents_Queue", "Queue", "Status"),
+        Index("gd_PilotAgents_SubmissionTime", "SubmissionTime"),  # accounting (migration 0002)
+    )
 
 
 class JobToPilotMapping(Base):
@@ -273,6 +283,16 @@ class JobToPilotMapping(Base):
 
 
 # --- not in DIRAC ----------------------------------------------------------------------------------------------
+class SiteDirectorDecisions(Base):
+    """Last SiteDirector decision per queue, for the monitoring page (DIRAC keeps these only in the agent's log)."""
+
+    __tablename__ = "gd_SiteDirectorDecisions"
+    Queue: Mapped[str] = mapped_column(String(128), primary_key=True)
+    Director: Mapped[str | None] = mapped_column(String(128), default="")
+    DecisionTime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    Decision: Mapped[str | None] = mapped_column(Text)
+
+
 class QueueEvents(Base):
     """One row per transaction that queued jobs (submission, reschedule): its growing ``ID`` tells every API worker
     of every host, with one cheap query a second, that waiting pilots should look again (``signals.follow``)."""

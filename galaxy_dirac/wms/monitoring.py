@@ -12,14 +12,7 @@ import json
 from typing import Any, Mapping, Sequence
 
 from sqlalchemy import (
-    Column,
-    DateTime,
     Engine,
-    Index,
-    MetaData,
-    String,
-    Table,
-    Text,
     delete,
     func,
     insert,
@@ -33,6 +26,7 @@ from .db import (
     Jobs,
     JobToPilotMapping,
     PilotAgents,
+    SiteDirectorDecisions,
     read_transaction,
     retrying,
     utcnow,
@@ -66,32 +60,6 @@ JOB_LIST_COLUMNS = (
 )
 SORTABLE = {"JobID", "LastUpdateTime", "SubmissionTime", "Status", "Site", "Owner"}
 PILOT_FILTERS = {"status": PilotAgents.Status, "queue": PilotAgents.Queue, "ce": PilotAgents.DestinationSite}
-
-# Indexes the accounting queries need beyond DIRAC's own (created by ensure_schema, idempotent).
-_EXTRA_INDEXES = (
-    Index("gd_Jobs_EndExecTime", Jobs.EndExecTime),
-    Index("gd_Jobs_StartExecTime", Jobs.StartExecTime),
-    Index("gd_PilotAgents_SubmissionTime", PilotAgents.SubmissionTime),
-    Index("gd_HeartBeat_JobID_Name", HeartBeatLoggingInfo.JobID, HeartBeatLoggingInfo.Name),
-)
-
-_metadata = MetaData()
-#: Last SiteDirector decision per queue (not a DIRAC table: DIRAC keeps these only in the agent's log).
-SiteDirectorDecisions = Table(
-    "gd_SiteDirectorDecisions",
-    _metadata,
-    Column("Queue", String(128), primary_key=True),
-    Column("Director", String(128), default=""),
-    Column("DecisionTime", DateTime),
-    Column("Decision", Text),
-)
-
-
-def ensure_schema(engine: Engine) -> None:
-    """Create the monitoring indexes and table if missing; safe for every worker at every start."""
-    _metadata.create_all(engine)
-    for index in _EXTRA_INDEXES:
-        index.create(engine, checkfirst=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -290,7 +258,7 @@ def record_decisions(engine: Engine, decisions: Sequence[Mapping[str, Any]], dir
     if not rows:
         return 0
     with write_transaction(engine) as conn:
-        conn.execute(delete(SiteDirectorDecisions).where(SiteDirectorDecisions.c.Queue.in_([r["Queue"] for r in rows])))
+        conn.execute(delete(SiteDirectorDecisions).where(SiteDirectorDecisions.Queue.in_([r["Queue"] for r in rows])))
         conn.execute(insert(SiteDirectorDecisions), rows)
     return len(rows)
 
@@ -298,7 +266,7 @@ def record_decisions(engine: Engine, decisions: Sequence[Mapping[str, Any]], dir
 def last_decisions(engine: Engine) -> list[dict[str, Any]]:
     """The last decision recorded for each SiteDirector queue (empty until a SiteDirector posts any)."""
     with read_transaction(engine) as conn:
-        rows = conn.execute(select(SiteDirectorDecisions).order_by(SiteDirectorDecisions.c.Queue)).all()
+        rows = conn.execute(select(SiteDirectorDecisions).order_by(SiteDirectorDecisions.Queue)).all()
     return [
         {"Queue": r.Queue, "Director": r.Director, "DecisionTime": _jsonable(r.DecisionTime), **json.loads(r.Decision)}
         for r in rows

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine
 
 from galaxy_dirac import states
-from galaxy_dirac.wms import accounting, cli, monitoring
+from galaxy_dirac.wms import accounting, cli
 from galaxy_dirac.wms.db import create_schema, make_engine
 from tests.wms.synthetic import GROUPS, MONTH_END, MONTH_START, SITES, Month, build_month
 
@@ -30,7 +30,6 @@ def month_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Engine,
     url = f"sqlite:///{tmp_path_factory.mktemp('acct') / 'wms.sqlite'}"
     engine = make_engine(url)
     create_schema(engine)
-    monitoring.ensure_schema(engine)
     month = build_month(engine, n_jobs=4000)
     yield engine, month, url
     engine.dispose()

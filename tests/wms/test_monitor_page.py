@@ -14,7 +14,6 @@ from typing import Any, Iterator
 
 import pytest
 
-from galaxy_dirac.wms import monitoring
 from galaxy_dirac.wms.db import create_schema, make_engine
 from tests.wms.synthetic import build_month
 
@@ -62,7 +61,6 @@ def seeded_server(factory: Any, tmp_path: Path, n_jobs: int) -> Any:
     url = f"sqlite:///{tmp_path / f'month{n_jobs}.sqlite'}"
     engine = make_engine(url)
     create_schema(engine)
-    monitoring.ensure_schema(engine)
     build_month(engine, n_jobs=n_jobs)
     engine.dispose()
     return factory(db=url, maintenance_interval=0)

@@ -202,13 +202,12 @@ def test_sitedirector_decisions(client: tuple[TestClient, Engine, Month, Any]) -
     assert dt.datetime.fromisoformat(last["q-site01"]["DecisionTime"].rstrip("Z")) > dt.datetime(2026, 1, 1)
 
 
-def test_ensure_schema_is_idempotent(tmp_path: Path) -> None:
+def test_the_schema_has_the_accounting_indexes_and_creating_it_twice_is_harmless(tmp_path: Path) -> None:
     from galaxy_dirac.wms.db import create_schema, make_engine
 
     engine = make_engine(f"sqlite:///{tmp_path / 'x.sqlite'}")
     create_schema(engine)
-    monitoring.ensure_schema(engine)
-    monitoring.ensure_schema(engine)
+    create_schema(engine)
     with engine.connect() as conn:
         names = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'index'"))}
     assert {"gd_Jobs_EndExecTime", "gd_HeartBeat_JobID_Name"} <= names

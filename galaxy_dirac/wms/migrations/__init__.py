@@ -86,11 +86,10 @@ class SchemaError(RuntimeError):
 
 
 def target_metadata() -> Sequence[MetaData]:
-    """Everything the head revision must match: the models, and monitoring's table and indexes."""
-    from .. import monitoring  # its indexes attach to Base.metadata's tables when imported
+    """Everything the head revision must match: the models (``db.py`` holds every table and index)."""
     from ..db import Base
 
-    return [Base.metadata, monitoring._metadata]
+    return [Base.metadata]
 
 
 def compare_type(
