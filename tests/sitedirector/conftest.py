@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import requests
 import yaml
 
 from galaxy_dirac.wms.auth import create_token
-from galaxy_dirac.wms.config import Settings
 from tests.conftest import WMSServer, wait_for  # noqa: F401 - re-exported to the tests here
+from tests.jdl import jdl_text
 
 
 def jdl(site: str, **attributes: Any) -> str:
-    attributes.setdefault("Executable", "/bin/echo")
-    attributes.setdefault("Arguments", "hello")
-    attributes.setdefault("StdOutput", "std.out")
-    attributes.setdefault("StdError", "std.err")
-    attributes.setdefault("CPUTime", 3600)
-    attributes["Site"] = site
-    body = "\n".join(f"  {k} = {json.dumps(v) if isinstance(v, str) else v};" for k, v in attributes.items())
-    return "[\n" + body + "\n]"
+    """A job for ``site`` with the defaults these tests rely on (echo, its output files, one hour of CPU)."""
+    attributes = {"Executable": "/bin/echo", "Arguments": "hello", "StdOutput": "std.out", "StdError": "std.err",
+                  "CPUTime": 3600, **attributes, "Site": site}  # fmt: skip
+    return jdl_text(**attributes)
 
 
 class Scheduler:
-    """A running ``galaxy-dirac-wms serve`` plus runner/admin clients and director/pilot tokens."""
+    """A running ``galaxy-dirac-wms serve`` (:class:`WMSServer`) with the tokens and calls these tests use."""
 
     def __init__(self, server: WMSServer) -> None:
         self.server = server
@@ -36,32 +30,22 @@ class Scheduler:
         #: For pilots started by hand; a SiteDirector gets :attr:`director_token` and mints one per pilot.
         self.pilot_token = self.token("pilot")
         self.director_token = self.token("director")
-        self.runner = requests.Session()
-        self.runner.headers["Authorization"] = f"Bearer {self.token('runner', 'alice', 'galaxy_user')}"
-        self.admin = requests.Session()
-        self.admin.headers["Authorization"] = f"Bearer {self.token('admin', 'admin', 'galaxy_admin')}"
 
     def token(self, role: str, owner: str = "", group: str = "") -> str:
         """What ``galaxy-dirac-wms token create`` does, in-process (a CLI start per token costs a second)."""
-        settings = Settings(home=str(self.server.home))
-        return create_token(settings.signing_key(), role=role, owner=owner, group=group, vo=settings.vo, lifetime=3600)
-
-    def _check(self, resp: requests.Response) -> Any:
-        assert resp.status_code < 300, f"{resp.request.method} {resp.url}: {resp.status_code} {resp.text}"
-        return resp.json() if resp.content else None
+        return create_token(self.server.key, role=role, owner=owner, group=group, lifetime=3600)
 
     def submit(self, *jdls: str) -> list[int]:
-        resp = self.runner.post(f"{self.url}/api/jobs/jdl", json=list(jdls), timeout=30)
-        return [j["JobID"] for j in self._check(resp)]
+        return self.server.submit(list(jdls))
 
     def job(self, job_id: int) -> dict:
-        return self._check(self.admin.get(f"{self.url}/api/x-embedded/jobs/{job_id}", timeout=30))
+        return self.server.job(job_id)
 
     def pilots(self, **params: Any) -> list[dict]:
-        return self._check(self.admin.get(f"{self.url}/api/x-embedded/pilots", params=params, timeout=30))
+        return self.server.api("GET", "/api/x-embedded/pilots", params=params)
 
     def demand(self) -> list[dict]:
-        return self._check(self.admin.get(f"{self.url}/api/x-embedded/taskqueues/demand", timeout=30))
+        return self.server.api("GET", "/api/x-embedded/taskqueues/demand")
 
 
 @pytest.fixture(scope="module")

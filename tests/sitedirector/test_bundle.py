@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from galaxy_dirac.wms.auth import verify_token_with_expiry
-from galaxy_dirac.wms.config import Settings
 from sitedirector.bundle import VM_USER, WRAPPER_PATH, Bundle, token_file
 from sitedirector.config import PilotSettings, QueueConfig
 from sitedirector.director import SchedulerClient
@@ -179,5 +178,5 @@ def test_shared_wrapper_runs_the_pilot_with_its_delivered_token(scheduler: Sched
     assert scheduler.job(job_id)["Status"] == "Done"
     (row,) = scheduler.pilots(stamp=stamp)
     assert (row["Status"], row["MatchedJobs"], row["GridSite"]) == ("Done", 1, site)
-    principal, _ = verify_token_with_expiry(Settings(home=str(scheduler.server.home)).signing_key(), tokens[stamp])
+    principal, _ = verify_token_with_expiry(scheduler.server.key, tokens[stamp])
     assert (principal.role, principal.pilot_stamp, principal.pilot_site) == ("pilot", stamp, site)

@@ -15,7 +15,6 @@ from typing import Iterator, Optional, Sequence
 import pytest
 
 from galaxy_dirac.wms.auth import verify_token_with_expiry
-from galaxy_dirac.wms.config import Settings
 from sitedirector import cli
 from sitedirector.ce.base import ComputingElement, PilotRef, PilotStatus
 from sitedirector.config import load, parse
@@ -141,7 +140,7 @@ def test_every_pilot_gets_a_token_for_its_own_stamp_and_site(scheduler: Schedule
         assert st.submitted == 2 and st.health.failures == 0, st.health
         carried = st.ce.carried
         assert len(set(carried.values())) == 2 and scheduler.director_token not in carried.values()
-        key = Settings(home=str(scheduler.server.home)).signing_key()
+        key = scheduler.server.key
         for stamp, token in carried.items():
             principal, _ = verify_token_with_expiry(key, token)
             assert (principal.role, principal.pilot_stamp, principal.pilot_site) == ("pilot", stamp, site)

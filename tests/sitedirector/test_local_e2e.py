@@ -17,7 +17,6 @@ import pytest
 import requests
 
 from galaxy_dirac.wms.auth import verify_token_with_expiry
-from galaxy_dirac.wms.config import Settings
 from sitedirector.config import load
 from sitedirector.director import Director
 
@@ -61,7 +60,7 @@ def test_demand_to_pilots_to_done(scheduler: Scheduler, tmp_path: Path, uid: str
     pilots = scheduler.pilots(queue=name)
     assert len(pilots) == 3 and all(p["GridSite"] == site for p in pilots)
     # The cycle's decision is on the scheduler's monitoring page.
-    shown = scheduler.admin.get(f"{scheduler.url}/api/x-embedded/monitoring/sitedirector", timeout=30).json()
+    shown = scheduler.server.api("GET", "/api/x-embedded/monitoring/sitedirector")
     assert any(str(d).count(name) and "submit 3" in str(d) for d in shown), shown
 
     for job_id in job_ids:
@@ -174,7 +173,7 @@ def test_each_local_pilot_runs_with_its_own_token_only(scheduler: Scheduler, tmp
         assert st.submitted == 2, st.health
         stamps = sorted(p["PilotStamp"] for p in scheduler.pilots(queue=name))
         tokens = {stamp: st.bundle.token_for(stamp) for stamp in stamps}
-        key = Settings(home=str(scheduler.server.home)).signing_key()
+        key = scheduler.server.key
         for stamp, token in tokens.items():
             principal, _ = verify_token_with_expiry(key, token)
             assert (principal.role, principal.pilot_stamp, principal.pilot_site) == ("pilot", stamp, site)
