@@ -43,6 +43,11 @@ GALAXY_REQUIREMENTS: List[str] = [
     "total-perspective-vortex==3.3.*",  # TPV job routing, as usegalaxy.* do (tests/runner/test_tpv.py)
 ]
 
+#: A Pulsar server for benchmarks/galaxy.py (Galaxy's PulsarRESTJobRunner against it); Galaxy's own venv has the
+#: client side (pulsar-galaxy-lib).
+PULSAR_VERSION = "0.16.*"
+PULSAR_REQUIREMENTS: List[str] = [f"pulsar-app[web]=={PULSAR_VERSION}"]  # [web]: gunicorn for pulsar-serve
+
 #: DIRAC itself (its JobWrapper, for tests/dirac_node), installed with --no-deps: its metadata requires
 #: gfal2-python, which has no wheel and needs the gfal2 C library; nothing on the JobWrapper path imports it.
 DIRAC_VERSION = "9.1.22"
@@ -67,6 +72,7 @@ KNOWN: Dict[str, List[str]] = {
     "diracx": DIRACX_REQUIREMENTS,
     "galaxy": GALAXY_REQUIREMENTS,
     "dirac": DIRAC_REQUIREMENTS,
+    "pulsar": PULSAR_REQUIREMENTS,
 }
 #: Packages a known venv installs with --no-deps after its requirements (part of its cache key).
 NO_DEPS: Dict[str, List[str]] = {"dirac": DIRAC_NO_DEPS}
