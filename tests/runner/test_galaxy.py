@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
@@ -93,13 +94,31 @@ def test_failing_tool_reports_stderr(stack: GalaxyStack) -> None:
     assert job["exit_code"] == 3
 
 
+def _tool_processes(*argv: str) -> List[int]:
+    """PIDs of processes on this machine whose command line is exactly ``argv`` (the pilot runs on it too)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().split(b"\0")[:-1] == [a.encode() for a in argv]:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def test_kill_from_galaxy(stack: GalaxyStack) -> None:
+    """A job deleted in Galaxy while its tool runs is Killed in DIRAC and its process is gone.
+
+    Deleted while its inputs are still being fetched, a job fails instead (Galaxy's job files API refuses a finished
+    job, and the kill finds it Failed): the test waits for the tool's own process, not for Galaxy's "running"."""
     galaxy: GalaxyServer = stack.galaxy
     history = galaxy.new_history("kill")
     data = galaxy.upload(history, "x\n")
-    run = galaxy.run_tool(history, "gd_sleep", {"input1": {"src": "hda", "id": data}, "seconds": 300})
+    run = galaxy.run_tool(history, "gd_sleep", {"input1": {"src": "hda", "id": data}, "seconds": 299})
     job_id = run["jobs"][0]["id"]
     galaxy.wait_job(job_id, states=("running",), timeout=120)
+    wait_for(lambda: _tool_processes("sleep", "299"), 120, "the tool's sleep on the node")
     external_id = galaxy.job(job_id)["external_id"]
     galaxy.api("DELETE", f"jobs/{job_id}")
     deadline = time.monotonic() + 60
@@ -109,8 +128,12 @@ def test_kill_from_galaxy(stack: GalaxyStack) -> None:
         if status == "Killed":
             break
         time.sleep(0.5)
-    assert status == "Killed", stack.scheduler("GET", f"api/x-embedded/jobs/{int(external_id)}")["History"]
+    history = stack.scheduler("GET", f"api/x-embedded/jobs/{int(external_id)}")["History"]
+    assert status == "Killed", "; ".join(
+        f"{h['Status']} / {h['MinorStatus']} / {h['ApplicationStatus']} ({h.get('Source')})" for h in history
+    )
     assert galaxy.job(job_id, full=False)["state"] in ("deleted", "deleting", "deleted_new")
+    wait_for(lambda: not _tool_processes("sleep", "299"), 30, "the killed tool's process to end")
 
 
 WORKFLOW = {
