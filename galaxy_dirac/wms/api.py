@@ -6,6 +6,7 @@ logic modules it calls (jobs, matcher, pilots, sandbox_metadata, taskqueues, mon
 """
 
 import asyncio
+import functools
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from . import errors, jobs, maintenance, metrics, routes, taskqueues
 from .config import Settings
 from .context import Context
+from .db import JobCommands, Jobs, QueueEvents, newest
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +91,14 @@ def create_app(settings: Settings) -> FastAPI:
             watchers.append(asyncio.create_task(signal.watch()))
         # ...and those of other hosts, from one cheap query a second each, however many long polls are waiting.
         probes = (
-            (taskqueues.changes, lambda: taskqueues.latest_event(ctx.engine)),
-            (jobs.commands_queued, lambda: jobs.latest_command(ctx.engine)),
-            (jobs.status_changes, lambda: jobs.latest_update(ctx.engine)),
+            (taskqueues.changes, QueueEvents.ID),
+            (jobs.commands_queued, JobCommands.ID),
+            (jobs.status_changes, Jobs.LastUpdateTime),
         )
-        watchers += [asyncio.create_task(signal.follow(probe, FOLLOW_INTERVAL)) for signal, probe in probes]
+        watchers += [
+            asyncio.create_task(signal.follow(functools.partial(newest, ctx.engine, column), FOLLOW_INTERVAL))
+            for signal, column in probes
+        ]
         try:
             yield
         finally:

@@ -32,6 +32,8 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import NullPool
@@ -462,6 +464,13 @@ def retrying(function: Callable[..., T]) -> Callable[..., T]:
         raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper
+
+
+def newest(engine: Engine, column: Any, *where: Any) -> Any:
+    """The largest value of an indexed ``column`` (rows matching ``where``), or None: what the long polls' probes
+    watch to hear of new queue events, commands and status changes from other hosts."""
+    with read_transaction(engine) as conn:
+        return conn.execute(select(func.max(column)).where(*where)).scalar()
 
 
 def create_schema(engine: Engine) -> None:

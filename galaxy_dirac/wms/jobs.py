@@ -44,6 +44,7 @@ from .db import (
     LoggingInfo,
     SandBoxes,
     SBEntityMapping,
+    newest,
     read_transaction,
     retrying,
     utcnow,
@@ -776,18 +777,6 @@ status_changes = Generation()
 commands_queued = Generation()
 
 
-def latest_command(engine: Engine) -> Any:
-    """The newest command's id: it moves whenever a Kill was queued through any worker of any host."""
-    with read_transaction(engine) as conn:
-        return conn.execute(select(func.max(JobCommands.ID))).scalar()
-
-
-def latest_update(engine: Engine) -> Any:
-    """The latest status change of any job (an indexed maximum): what wakes runners waiting for their jobs."""
-    with read_transaction(engine) as conn:
-        return conn.execute(select(func.max(Jobs.LastUpdateTime))).scalar()
-
-
 @retrying
 def take_commands(engine: Engine, job_id: int, principal: Principal) -> list[dict[str, Any]]:
     """One job's pending commands (Kill), handed out once: what its wrapper long-polls for between heartbeats.
@@ -904,10 +893,9 @@ def updated_since(engine: Engine, principal: Principal, since: dt.datetime | Non
     did (a long poll keeps waiting). Without ``since``: no ids, just the cursor to start from."""
     policy.require_role(principal, "admin", "runner")
     owned = [] if principal.is_admin else [Jobs.Owner == principal.owner, Jobs.VO == principal.vo]
+    if since is None:
+        return {"JobIDs": [], "Cursor": format_time(newest(engine, Jobs.LastUpdateTime, *owned) or utcnow())}
     with read_transaction(engine) as conn:
-        if since is None:
-            latest = conn.execute(select(func.max(Jobs.LastUpdateTime)).where(*owned)).scalar()
-            return {"JobIDs": [], "Cursor": format_time(latest or utcnow())}
         rows = conn.execute(
             select(Jobs.JobID, Jobs.LastUpdateTime)
             .where(*owned, Jobs.LastUpdateTime > to_naive_utc(since))

@@ -12,10 +12,10 @@ import json
 from collections import defaultdict
 from typing import Any, Iterable, Mapping
 
-from sqlalchemy import Connection, Engine, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from .db import TQ_MULTI_VALUED, QueueEvents, TaskQueues, TQJobs, read_transaction, utcnow
+from .db import TQ_MULTI_VALUED, QueueEvents, TaskQueues, TQJobs, utcnow
 from .signals import Generation
 
 #: DIRAC's CPU-time segments in seconds (6 min … 12.5 days); a job's CPUTime is rounded up to one of them so that
@@ -166,17 +166,11 @@ def _create(conn: Connection, key: TQKey, digest: str) -> int | None:
 
 def insert_jobs(conn: Connection, rows: Iterable[tuple[int, int, int]]) -> None:
     """Queue jobs as (TQId, JobId, Priority); the caller bumps :data:`changes` once its transaction commits, and the
-    queue event recorded here tells the other API workers and hosts (:func:`latest_event`)."""
+    queue event recorded here tells the other API workers and hosts (its id is what they watch)."""
     values = [{"TQId": tq, "JobId": job, "Priority": prio, "RealPriority": float(prio)} for tq, job, prio in rows]
     if values:
         conn.execute(insert(TQJobs), values)
         conn.execute(insert(QueueEvents).values(At=utcnow()))
-
-
-def latest_event(engine: Engine) -> Any:
-    """The newest queue event's id: it moves whenever jobs were queued through any worker of any host."""
-    with read_transaction(engine) as conn:
-        return conn.execute(select(func.max(QueueEvents.ID))).scalar()
 
 
 def prune_events(conn: Connection) -> int:
