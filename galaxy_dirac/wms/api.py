@@ -95,8 +95,9 @@ def create_app(settings: Settings) -> FastAPI:
             (jobs.commands_queued, JobCommands.ID),
             (jobs.status_changes, Jobs.LastUpdateTime),
         )
-        watchers += [
-            asyncio.create_task(signal.follow(functools.partial(newest, ctx.engine, column), FOLLOW_INTERVAL))
+        stopping = asyncio.Event()
+        followers = [
+            asyncio.create_task(signal.follow(functools.partial(newest, ctx.engine, column), stopping, FOLLOW_INTERVAL))
             for signal, column in probes
         ]
         try:
@@ -104,6 +105,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             for task in watchers:
                 task.cancel()
+            stopping.set()
+            await asyncio.gather(*followers)  # no probe may reach the database once it is closed
             if worker is not None:
                 worker.stop()
             ctx.close()

@@ -57,18 +57,21 @@ class Generation:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_wake, future)
 
-    async def follow(self, probe: Callable[[], Any], interval: float = 1.0) -> None:
+    async def follow(self, probe: Callable[[], Any], stop: asyncio.Event, interval: float = 1.0) -> None:
         """Wake this process's waiters when ``probe()`` (a cheap query, in the thread pool) answers something new:
         what other hosts did reaches the long polls here with one query per interval, however many waiters there
-        are. Runs until cancelled; a failing probe (database down) is tried again at the next interval."""
+        are. A failing probe (database down) is tried again at the next interval. Runs until ``stop`` is set, and
+        then returns only once no probe is running, so nothing touches the database after its owner shut down
+        (cancelling would leave a probe's thread, and its connection, behind)."""
         unread = last = object()  # the probe's answer may be None (an empty table)
-        while True:
+        while not stop.is_set():
             with contextlib.suppress(Exception):
                 value = await run_in_threadpool(probe)
                 if last is not unread and value != last:
                     self._wake()
                 last = value
-            await asyncio.sleep(interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
 
     async def wait_past(self, seen: int, timeout: float) -> None:
         """Return once ``value`` differs from ``seen``, or after ``timeout`` seconds."""

@@ -68,13 +68,14 @@ def test_follow_wakes_waiters_when_the_probe_moves_also_from_nothing() -> None:
         return answer
 
     async def run() -> tuple[int, float]:
-        changes = Generation()
-        follower = asyncio.create_task(changes.follow(probe, interval=0.05))
+        changes, stop = Generation(), asyncio.Event()
+        follower = asyncio.create_task(changes.follow(probe, stop, interval=0.05))
         started = time.monotonic()
         await changes.wait_past(changes.value, 10)
         waited = time.monotonic() - started
         await asyncio.sleep(0.3)  # the probe stays at 1: no further wake-ups
-        follower.cancel()
+        stop.set()
+        await asyncio.wait_for(follower, 5)  # it ends by itself once told to
         return changes.value, waited
 
     value, waited = asyncio.run(run())

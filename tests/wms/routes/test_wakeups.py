@@ -93,3 +93,26 @@ def test_jobs_and_kills_from_another_host_wake_waiting_long_polls(api: tuple[Tes
     poll.join(70)
     assert commands and [c["command"] for c in commands[0].json()] == ["Kill"], commands
     assert time.monotonic() - began < 25
+
+
+@pytest.mark.postgres
+def test_a_stopped_scheduler_leaves_no_session_on_its_database(tmp_path: Path) -> None:
+    """The probes stop before the engine closes: right after shutdown the database may be dropped (as tests do,
+    or an operator migrating it), which an idle session left by a late probe would refuse."""
+    from sqlalchemy import create_engine, text
+
+    from tests.conftest import PG_ADMIN_URL, fresh_database
+
+    with fresh_database("postgres") as url:
+        app = create_app(make_settings(tmp_path, url, maintenance_interval=0))
+        with TestClient(app):
+            pass  # shut down while the probes' first queries are on their way
+        admin = create_engine(PG_ADMIN_URL)
+        try:
+            with admin.connect() as conn:
+                left = conn.execute(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE datname = :n"), {"n": url.rsplit("/", 1)[1]}
+                ).scalar_one()
+        finally:
+            admin.dispose()
+        assert left == 0
