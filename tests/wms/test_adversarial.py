@@ -77,6 +77,7 @@ JSON_ROUTES = [
                                              "format": "tar"}),
     ("PATCH", "/api/jobs/1/sandbox/output", lambda v: v),
     ("POST", "/api/x-embedded/pilots", lambda v: {"stamps": [v]}),
+    ("POST", "/api/x-embedded/pilots/tokens", lambda v: {"stamps": ["s1"], "lifetime": v}),
     ("POST", "/api/x-embedded/pilots/register", lambda v: {"stamp": "s1", "processors": v}),
     ("PATCH", "/api/x-embedded/pilots/s1", lambda v: {"status": "Running", "matched_jobs": v}),
     ("POST", "/api/x-embedded/match", lambda v: {"Site": "X", "CPUTime": v}),
@@ -91,7 +92,7 @@ def test_nan_infinity_and_overflowing_numbers_are_refused_on_every_route(
 ) -> None:
     for literal in NON_JSON_NUMBERS:
         body = json.dumps(shape("__X__")).replace('"__X__"', literal).encode()
-        for role in ("admin", "runner", "pilot"):
+        for role in ("admin", "runner", "director", "pilot"):
             detail = refused(api.raw(method, path, body, api.headers(role, role)), 422)
             assert "not valid JSON" in detail or "out of range" in detail, (literal, detail)
     assert api.search().json() == []  # nothing was written
@@ -210,7 +211,11 @@ _JSON = st.recursive(_LEAVES, lambda inner: st.lists(inner, max_size=4) | st.dic
 
 
 @FUZZ
-@given(body=_JSON, route=st.sampled_from(JSON_ROUTES), role=st.sampled_from(["admin", "runner", "job", "pilot"]))
+@given(
+    body=_JSON,
+    route=st.sampled_from(JSON_ROUTES),
+    role=st.sampled_from(["admin", "runner", "job", "director", "pilot"]),
+)
 def test_fuzzed_json_bodies_never_get_a_500(api: Client, body: Any, route: tuple, role: str) -> None:
     method, path, _ = route
     data = json.dumps(body, allow_nan=True).encode()

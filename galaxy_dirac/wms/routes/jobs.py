@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 from fastapi import APIRouter, Body, Query, Response
 
-from ...times import parse_time
+from ...times import format_time, parse_time
 from .. import jobs, policy
 from ..errors import Invalid, route_class
 from ..signals import long_poll
@@ -102,7 +102,7 @@ async def job_updates(ctx: Ctx, caller: Caller, since: str = "", wait: LongPollW
     answer = await long_poll(
         jobs.status_changes, UPDATES_RECHECK_INTERVAL, wait, lambda: jobs.updated_since(ctx.engine, caller, after)
     )
-    return json_response(answer or {"JobIDs": [], "Cursor": since})
+    return json_response(answer or {"JobIDs": [], "Cursor": format_time(after) if after else ""})
 
 
 # After the fixed paths above: {job_id} would match them.

@@ -59,6 +59,9 @@ def test_the_updates_long_poll_wakes_on_the_callers_own_jobs(api: tuple[TestClie
     assert woken.json()["Cursor"] > cursor
     again = client.get("/api/x-embedded/jobs/updates", headers=alice, params={"since": woken.json()["Cursor"]})
     assert again.json()["JobIDs"] == []  # the cursor moved past it
+    # The cursor answered is the server's own form of the time, never the caller's text echoed back.
+    odd = client.get("/api/x-embedded/jobs/updates", headers=alice, params={"since": "2100-01-01T01:00:00+01:00"})
+    assert odd.json() == {"JobIDs": [], "Cursor": "2100-01-01T00:00:00Z"}
 
 
 @pytest.mark.parametrize(
