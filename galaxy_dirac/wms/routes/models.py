@@ -121,8 +121,8 @@ class PilotRegistration(BaseModel):
     queue: str = ""
     platform: str = ""
     tags: list[str] = []
-    processors: int = 1
-    memory_mb: int = 0
+    processors: int = Field(1, ge=1, le=4096)  # as a slot may offer (SlotDescription)
+    memory_mb: int = Field(0, ge=0, le=2**63 - 1)
     hostname: str = ""
     grid_type: str = ""
 

@@ -59,6 +59,9 @@ def test_the_caller_comes_from_the_dependency_not_from_a_header(app: App) -> Non
     assert client.post("/api/x-embedded/match", json={"Site": "S.x"}).status_code == 403  # a runner runs no jobs
 
     pilot = app.as_(PILOT_A)
+    for absurd in ({"processors": 10**30}, {"processors": 0}, {"memory_mb": -1}):
+        refused = pilot.post("/api/x-embedded/pilots/register", json={"stamp": "pilotA", "site": "S.x", **absurd})
+        assert refused.status_code == 422, (absurd, refused.text)
     assert pilot.post("/api/x-embedded/pilots/register", json={"stamp": "pilotA", "site": "S.x"}).status_code == 200
     assert pilot.post("/api/x-embedded/match", json={"Site": "S.y"}).status_code == 403
     assert pilot.patch("/api/x-embedded/pilots/pilotB", json={"status": "Failed"}).status_code == 403
