@@ -6,6 +6,9 @@ Prints one table: submission (1 and 20 JDLs per request), match rate with --jobs
 and --pilots concurrent pilot processes (checking that no job was handed out twice), and one bulk status query of
 10,000 jobs; on SQLite, and on PostgreSQL when 127.0.0.1:5432 answers.
 
+The match rate is also measured in process (``matcher.match_job`` in a loop, no HTTP), which bounds the HTTP
+figure on SQLite.
+
 Submission is compared with a real DiracX 0.7 (its side venv) interleaved: both servers run at once and take
 alternate batches of one-JDL requests (--rounds of --batch requests, the order flipped every round), so load drift
 hits both alike; the ratio is printed per round and as the median of those. Figures, not assertions: compare them
@@ -160,6 +163,33 @@ def run_embedded(label: str, db: str | None, args: argparse.Namespace, rows: lis
             server.stop()
 
 
+def in_process_match_rate(args: argparse.Namespace, rows: list[tuple[str, str, str]]) -> None:
+    """The same matching with no HTTP, server or client: ``matcher.match_job`` called in a loop on a SQLite file,
+    what bounds the HTTP figure (SQLite takes one writer at a time)."""
+    from galaxy_dirac.wms import jobs, matcher
+    from galaxy_dirac.wms.auth import Principal
+    from galaxy_dirac.wms.config import load_settings
+    from galaxy_dirac.wms.db import create_schema, make_engine
+
+    with tempfile.TemporaryDirectory() as home:
+        url = f"sqlite:///{home}/wms.sqlite"
+        settings = load_settings(overrides={"home": home, "db": url}, environ={})
+        engine = make_engine(url)
+        create_schema(engine)
+        owner = Principal("runner", "bench", "bench_user", "galaxy")
+        for first in range(0, args.jobs, 1000):
+            texts = [bench_jdl(i, args.queues) for i in range(first, min(first + 1000, args.jobs))]
+            jobs.submit(engine, texts, owner, settings)
+        slot = matcher.Slot(site=SITE, pilot_stamp="bench")
+        n = min(args.matches, args.jobs)
+        t0 = time.perf_counter()
+        matched = sum(matcher.match_job(engine, slot) is not None for _ in range(n))
+        elapsed = time.perf_counter() - t0
+        engine.dispose()
+    rows.append(("in process, SQLite", f"match_job in a loop, no HTTP ({matched:,} matches)",
+                 f"{matched / elapsed:,.0f} matches/s ({elapsed / n * 1000:.2f} ms each)"))  # fmt: skip
+
+
 def compare_submission(args: argparse.Namespace, rows: list[tuple[str, str, str]]) -> None:
     """One-JDL submissions, embedded (SQLite) against DiracX 0.7, in alternate batches."""
     with contextlib.ExitStack() as stack:
@@ -215,6 +245,7 @@ def main() -> int:
     rows: list[tuple[str, str, str]] = []
     compare_submission(args, rows)
     run_embedded(f"embedded, SQLite, {args.workers} workers", None, args, rows)
+    in_process_match_rate(args, rows)
     if not args.no_postgres:
         import pytest
 
